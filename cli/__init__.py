@@ -1,0 +1,1 @@
+"""The `fsdfm-mlx` command line (Typer)."""

@@ -1,0 +1,1 @@
+"""Conversion of official FS-DFM PyTorch checkpoints (needs the `convert` extra: torch)."""

@@ -1,0 +1,272 @@
+"""The FS-DFM / DFM transformer (a DiT over tokens with adaLN time conditioning) in MLX.
+
+Module names follow the official checkpoint keys, so weight mapping is a prefix strip. Shape letters:
+B batch, L length, D hidden size, C conditioning size, H heads, V rows of the vocabulary (+1 with a mask
+source).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+SOLVERS = ("mixture_euler_with_cumulative_scalar", "mixture_euler", "dfm_euler")
+
+
+@dataclass
+class ModelArgs:
+    """Everything needed to build the network and sample from it (what `config.json` holds).
+
+    Attributes:
+        hidden_size: D, the width of the residual stream.
+        cond_dim: C, the width of the time (and step-size) embedding.
+        n_blocks: number of transformer blocks.
+        n_heads: attention heads (D / n_heads is the head dim; not readable from the weights).
+        vocab_size: tokenizer vocabulary the model writes (50,257 for GPT-2), without the mask row.
+        source_distribution: ``"uniform"`` or ``"mask"``; a mask source adds row ``vocab_size``.
+        dt_conditioned: True for FS-DFM students (step-size conditioned), False for DFM teachers.
+        mlp_ratio: width of the MLP over D.
+        length: sequence length the model was trained on.
+        frequency_embedding_size: width of the sinusoidal time features.
+        rope_base: RoPE base.
+        default_solver: the solver the official evaluation uses for this kind of model.
+        default_steps: the step count that goes with it.
+        scheduler: the probability path's scheduler (``{"type": "polynomial", "exponent": 1.0}``).
+    """
+
+    hidden_size: int
+    cond_dim: int
+    n_blocks: int
+    n_heads: int
+    vocab_size: int
+    model_type: str = "fsdfm"
+    source_distribution: str = "uniform"
+    dt_conditioned: bool = False
+    mlp_ratio: int = 4
+    length: int = 1024
+    frequency_embedding_size: int = 256
+    rope_base: float = 10000.0
+    default_solver: str | None = None
+    default_steps: int | None = None
+    scheduler: dict = field(default_factory=lambda: {"type": "polynomial", "exponent": 1.0})
+
+    def __post_init__(self):
+        if self.source_distribution not in ("uniform", "mask"):
+            raise ValueError(f"source_distribution must be 'uniform' or 'mask', got {self.source_distribution!r}")
+        if self.hidden_size % self.n_heads != 0:
+            raise ValueError(f"n_heads={self.n_heads} does not divide hidden_size={self.hidden_size}")
+        if self.default_solver is None:
+            self.default_solver = "mixture_euler_with_cumulative_scalar" if self.dt_conditioned else "dfm_euler"
+        if self.default_steps is None:
+            self.default_steps = 8 if self.dt_conditioned else 1024
+
+    @classmethod
+    def from_dict(cls, params: dict[str, Any]) -> ModelArgs:
+        """Build from a config dict, ignoring keys this class does not know."""
+        names = inspect.signature(cls).parameters
+        return cls(**{k: v for k, v in params.items() if k in names})
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
+
+    @property
+    def masked(self) -> bool:
+        return self.source_distribution == "mask"
+
+    @property
+    def mask_token_id(self) -> int | None:
+        """The mask token's id (== vocab_size) for a mask source, else None."""
+        return self.vocab_size if self.masked else None
+
+    @property
+    def num_tokens(self) -> int:
+        """Rows of the embedding and of the logits: V, plus one for the mask token."""
+        return self.vocab_size + int(self.masked)
+
+
+def timestep_embedding(t: mx.array, dim: int, max_period: float = 10000.0) -> mx.array:
+    """Sinusoidal features of per-sequence times, cosine half first: [B] -> [B, dim] (float32)."""
+    half = dim // 2
+    freqs = mx.exp(-math.log(max_period) * mx.arange(half, dtype=mx.float32) / half)
+    args = t.astype(mx.float32)[:, None] * freqs[None]
+    emb = mx.concatenate([mx.cos(args), mx.sin(args)], axis=-1)
+    if dim % 2:
+        emb = mx.concatenate([emb, mx.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, cond_dim: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = [nn.Linear(frequency_embedding_size, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim)]
+
+    def __call__(self, t: mx.array) -> mx.array:
+        h = timestep_embedding(t, self.frequency_embedding_size)
+        for layer in self.mlp:
+            h = layer(h)
+        return h
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm without bias, normalised in float32 as the official model does."""
+
+    def __init__(self, dims: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.layer_norm(x.astype(mx.float32), self.weight.astype(mx.float32), None, self.eps)
+
+
+def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
+    return x * (1 + scale) + shift
+
+
+class DDiTBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        D, C = args.hidden_size, args.cond_dim
+        self.n_heads = args.n_heads
+        self.head_dim = args.head_dim
+        self.rope_base = args.rope_base
+        self.dt_conditioned = args.dt_conditioned
+        self.norm1 = LayerNorm(D)
+        self.qw = nn.Linear(D, D, bias=False)
+        self.kw = nn.Linear(D, D, bias=False)
+        self.vw = nn.Linear(D, D, bias=False)
+        self.attn_out = nn.Linear(D, D, bias=False)
+        self.norm2 = LayerNorm(D)
+        self.mlp = [nn.Linear(D, args.mlp_ratio * D), nn.GELU(approx="precise"), nn.Linear(args.mlp_ratio * D, D)]
+        if args.dt_conditioned:
+            self.condition_fuser = nn.Linear(2 * C, C)
+        self.adaLN_modulation = nn.Linear(C, 6 * D)
+
+    def __call__(self, x: mx.array, c: mx.array, dtype: mx.Dtype) -> mx.array:
+        B, L, D = x.shape
+        if self.dt_conditioned:
+            c = nn.silu(self.condition_fuser(c))
+        mod = self.adaLN_modulation(c)[:, None, :]  # [B, 1, 6D]
+        shift1, scale1, gate1, shift2, scale2, gate2 = mx.split(mod, 6, axis=-1)
+
+        h = modulate(self.norm1(x), shift1, scale1).astype(dtype)
+        q = self.qw(h).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        k = self.kw(h).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        v = self.vw(h).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+        # RoPE in float32 over the whole head dim (rotate-half layout), positions 0..L-1
+        q = mx.fast.rope(q.astype(mx.float32), self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=0).astype(dtype)
+        k = mx.fast.rope(k.astype(mx.float32), self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=0).astype(dtype)
+        a = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)  # [B, H, L, Dh]
+        a = a.transpose(0, 2, 1, 3).reshape(B, L, D)
+        x = x + gate1 * self.attn_out(a)
+
+        h = modulate(self.norm2(x), shift2, scale2).astype(dtype)
+        for layer in self.mlp:
+            h = layer(h)
+        return x + gate2 * h
+
+
+class DDitFinalLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        D, C = args.hidden_size, args.cond_dim
+        self.dt_conditioned = args.dt_conditioned
+        self.norm_final = LayerNorm(D)
+        self.linear = nn.Linear(D, args.num_tokens)
+        if args.dt_conditioned:
+            self.condition_fuser = nn.Linear(2 * C, C)
+        self.adaLN_modulation = nn.Linear(C, 2 * D)
+
+    def __call__(self, x: mx.array, c: mx.array, dtype) -> mx.array:
+        if self.dt_conditioned:
+            c = nn.silu(self.condition_fuser(c))
+        shift, scale = mx.split(self.adaLN_modulation(c)[:, None, :], 2, axis=-1)
+        return self.linear(modulate(self.norm_final(x), shift, scale).astype(dtype))
+
+
+class Model(nn.Module):
+    """The FS-DFM transformer: ``model(tokens, t, dt) -> logits``.
+
+    Args:
+        args: the model's configuration.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model_type = args.model_type
+        C = args.cond_dim
+        self.vocab_embed = nn.Embedding(args.num_tokens, args.hidden_size)
+        self.time_embedding = TimestepEmbedder(C, args.frequency_embedding_size)
+        if args.dt_conditioned:
+            self.dt_embedding = TimestepEmbedder(C, args.frequency_embedding_size)
+            self.time_condition_fuser = nn.Linear(2 * C, 2 * C)
+        self.blocks = [DDiTBlock(args) for _ in range(args.n_blocks)]
+        self.output_layer = DDitFinalLayer(args)
+
+    @property
+    def dtype(self) -> mx.Dtype:
+        """The compute dtype of the matmuls (the dtype of the scales for a quantized model)."""
+        lin = self.blocks[0].qw if self.blocks else self.output_layer.linear
+        return lin.scales.dtype if "scales" in lin else lin.weight.dtype
+
+    def condition(self, t: mx.array, dt: mx.array | None = None) -> mx.array:
+        """The time conditioning vector ``c``: [B] (, [B]) -> [B, C] (teacher) or [B, 2C] (student)."""
+        te = self.time_embedding(t)
+        if not self.args.dt_conditioned:
+            return nn.silu(te)
+        if dt is None:
+            raise ValueError("this model is step-size conditioned (a student): pass dt")
+        de = self.dt_embedding(dt)
+        return nn.silu(self.time_condition_fuser(mx.concatenate([te, de], axis=-1)))
+
+    def __call__(self, tokens: mx.array, t: mx.array, dt: mx.array | None = None) -> mx.array:
+        """Logits of the posterior ``p_{1|t}(x_1 | x_t)``.
+
+        Args:
+            tokens: [B, L] int token ids ``x_t``.
+            t: [B] float times in [0, 1].
+            dt: [B] float step sizes (students only; ignored by teachers).
+
+        Returns:
+            [B, L, V(+1)] logits in the model's dtype.
+        """
+        dtype = self.dtype
+        t = mx.broadcast_to(mx.array(t, dtype=mx.float32), (tokens.shape[0],))
+        if dt is not None:
+            dt = mx.broadcast_to(mx.array(dt, dtype=mx.float32), (tokens.shape[0],))
+        c = self.condition(t, dt)
+        # The residual stream stays float32, as under the official bf16 autocast.
+        x = self.vocab_embed(tokens).astype(mx.float32)
+        for block in self.blocks:
+            x = block(x, c, dtype)
+        return self.output_layer(x, c, dtype)
+
+    @staticmethod
+    def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Map official state-dict keys to this model's: strip DDP / compile prefixes, drop buffers."""
+        out = {}
+        for k, v in weights.items():
+            k = strip_prefixes(k)
+            if k.endswith("rotary_emb.inv_freq"):
+                continue
+            out[k] = v
+        return out
+
+
+def strip_prefixes(key: str) -> str:
+    """Remove any leading ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes."""
+    changed = True
+    while changed:
+        changed = False
+        for p in ("module.", "_orig_mod."):
+            if key.startswith(p):
+                key, changed = key[len(p):], True
+    return key
