@@ -10,7 +10,6 @@ import importlib
 import json
 import sys
 from contextlib import contextmanager
-from typing import Optional
 
 import typer
 
@@ -46,20 +45,46 @@ def user_errors():
 
 @app.command()
 def convert(
-    model: str = typer.Option(..., "--model", help="Official .pth checkpoint, or a Hugging Face repo id (with --filename)."),
+    model: str = typer.Option(
+        ...,
+        "--model",
+        help="Official .pth checkpoint, or a Hugging Face repo id (with --filename).",
+    ),
     mlx_path: str = typer.Option("mlx_model", "--mlx-path", help="Output folder."),
-    filename: Optional[str] = typer.Option(None, "--filename", help="Checkpoint file inside the Hugging Face repo."),
-    config: Optional[str] = typer.Option(None, "--config", help="Training run's YAML config (model.n_heads, flow.source_distribution)."),
-    preset: Optional[str] = typer.Option(None, "--preset", help="170m | 1.3b | 1.7b (gives the head count)."),
-    n_heads: Optional[int] = typer.Option(None, "--n-heads", help="Attention heads (default: head_dim 64)."),
-    source: Optional[str] = typer.Option(None, "--source", help="uniform | mask, when neither config nor shapes tell."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="student | student_ema | teacher (default: student_model, else model, else teacher)."),
+    filename: str | None = typer.Option(
+        None, "--filename", help="Checkpoint file inside the Hugging Face repo."
+    ),
+    config: str | None = typer.Option(
+        None,
+        "--config",
+        help="Training run's YAML config (model.n_heads, flow.source_distribution).",
+    ),
+    preset: str | None = typer.Option(
+        None, "--preset", help="170m | 1.3b | 1.7b (gives the head count)."
+    ),
+    n_heads: int | None = typer.Option(
+        None, "--n-heads", help="Attention heads (default: head_dim 64)."
+    ),
+    source: str | None = typer.Option(
+        None, "--source", help="uniform | mask, when neither config nor shapes tell."
+    ),
+    weights: str | None = typer.Option(
+        None,
+        "--weights",
+        help="student | student_ema | teacher (default: student_model, else model, else teacher).",
+    ),
     dtype: str = typer.Option("bfloat16", "--dtype", help="float32 | float16 | bfloat16."),
-    quantize: bool = typer.Option(False, "-q", "--quantize", help="MLX affine quantization of linear/embedding weights."),
+    quantize: bool = typer.Option(
+        False, "-q", "--quantize", help="MLX affine quantization of linear/embedding weights."
+    ),
     q_bits: int = typer.Option(4, "--q-bits", help="4 | 8."),
     q_group_size: int = typer.Option(64, "--q-group-size", help="32 | 64 | 128."),
-    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="Tokenizer folder or repo (default: the shipped GPT-2)."),
-    upload_repo: Optional[str] = typer.Option(None, "--upload-repo", help="Upload the result to this Hugging Face repo."),
+    tokenizer: str | None = typer.Option(
+        None, "--tokenizer", help="Tokenizer folder or repo (default: the shipped GPT-2)."
+    ),
+    upload_repo: str | None = typer.Option(
+        None, "--upload-repo", help="Upload the result to this Hugging Face repo."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an existing --mlx-path."),
     verbose: bool = typer.Option(True, "--verbose/--quiet", help="Progress bar and summary."),
 ):
@@ -70,16 +95,32 @@ def convert(
         except ImportError as e:
             fail(f"conversion needs torch: pip install 'fsdfm-mlx[convert]' ({e})")
         result = to_mlx.convert(
-            model, mlx_path, filename=filename, config=config, preset=preset, n_heads=n_heads,
-            source=source, weights=weights, dtype=dtype, quantize=quantize, q_bits=q_bits,
-            q_group_size=q_group_size, tokenizer=tokenizer, upload_repo=upload_repo, force=force,
+            model,
+            mlx_path,
+            filename=filename,
+            config=config,
+            preset=preset,
+            n_heads=n_heads,
+            source=source,
+            weights=weights,
+            dtype=dtype,
+            quantize=quantize,
+            q_bits=q_bits,
+            q_group_size=q_group_size,
+            tokenizer=tokenizer,
+            upload_repo=upload_repo,
+            force=force,
             progress=verbose,
         )
     for note in result.notes:
         typer.secho(f"Note: {note}", fg="yellow", err=True)
     if verbose:
         a = result.args
-        q = f", {result.quantization['bits']}-bit q{result.quantization['group_size']}" if result.quantization else ""
+        q = (
+            f", {result.quantization['bits']}-bit q{result.quantization['group_size']}"
+            if result.quantization
+            else ""
+        )
         kind = "student" if a["dt_conditioned"] else "teacher"
         typer.echo(
             f"Wrote {result.mlx_path}: {result.selection} ({kind}, {a['source_distribution']} source, "
@@ -119,8 +160,16 @@ def info(
         ("default solver / steps", f"{c.get('default_solver')} / {c.get('default_steps')}"),
         ("parameters", f"{res['parameters']:,} ({res['parameters'] / 1e6:.2f}M)"),
         ("dtype", res["dtype"]),
-        ("quantization", "none" if not res["quantization"] else f"{res['quantization']['bits']}-bit, group {res['quantization']['group_size']}"),
-        ("weights on disk", f"{res['weights_bytes'] / 1e6:.2f} MB ({res['bits_per_parameter']:.2f} bits/param)"),
+        (
+            "quantization",
+            "none"
+            if not res["quantization"]
+            else f"{res['quantization']['bits']}-bit, group {res['quantization']['group_size']}",
+        ),
+        (
+            "weights on disk",
+            f"{res['weights_bytes'] / 1e6:.2f} MB ({res['bits_per_parameter']:.2f} bits/param)",
+        ),
         ("folder size", f"{res['size_on_disk_bytes'] / 1e6:.2f} MB"),
     ]
     for k, v in rows:

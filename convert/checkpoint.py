@@ -25,7 +25,11 @@ PRESETS: dict[str, dict[str, int]] = {
 GPT2_VOCAB = 50257
 
 # CLI name -> checkpoint entry
-WEIGHT_ENTRIES = {"student": "student_model", "student_ema": "student_ema_model", "teacher": "teacher_model"}
+WEIGHT_ENTRIES = {
+    "student": "student_model",
+    "student_ema": "student_ema_model",
+    "teacher": "teacher_model",
+}
 # the official evaluation's choice first, then the pre-training model, then the teacher
 DEFAULT_ORDER = ("student_model", "model", "teacher_model")
 
@@ -79,7 +83,13 @@ def open_checkpoint(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{p} is a folder, not a checkpoint file")
     if p.stat().st_size == 0:
         raise CheckpointError(f"{p} is empty")
-    is_zip = zipfile.is_zipfile(p)
+    with open(p, "rb") as fh:
+        magic = fh.read(4)
+    is_zip = magic == b"PK\x03\x04"
+    if is_zip and not zipfile.is_zipfile(p):
+        raise CheckpointError(
+            f"{p} is damaged or truncated (its zip archive has no central directory)"
+        )
     try:
         if is_zip:
             ckpt = torch.load(p, map_location="cpu", weights_only=True, mmap=True)
@@ -87,28 +97,39 @@ def open_checkpoint(path: str | os.PathLike) -> dict:
             # the legacy (pre-1.6) format cannot be memory-mapped
             ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
+        text = str(e)
+        if "GLOBAL" in text or "Unsupported global" in text:
             raise CheckpointError(
-                f"{p} was refused: it is not a plain weights file (its pickle asks to run code: "
-                f"{_global_name(str(e))}); nothing in it was executed"
+                f"{p} was refused: its pickle asks to run code ({_global_name(text)}); "
+                "nothing in it was executed"
             ) from None
-        raise CheckpointError(f"{p} is not a PyTorch checkpoint ({first})") from None
+        raise CheckpointError(f"{p} is not a PyTorch checkpoint ({_reason(text)})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if is_zip:
-            raise CheckpointError(f"{p} is damaged or truncated ({msg})") from None
-        raise CheckpointError(f"{p} is not a PyTorch checkpoint ({msg})") from None
+            raise CheckpointError(f"{p} is damaged or truncated ({_reason(str(e))})") from None
+        raise CheckpointError(f"{p} is not a PyTorch checkpoint ({_reason(str(e))})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{p} holds a {type(ckpt).__name__}, not a checkpoint dict")
     return ckpt
 
 
 def _global_name(msg: str) -> str:
-    for line in msg.splitlines():
-        if "Unsupported global" in line or "GLOBAL" in line:
-            return line.strip().rstrip(".")[:160]
-    return "unsupported global"
+    import re
+
+    m = re.search(r"GLOBAL ([\w.]+)", msg) or re.search(r"global: ?GLOBAL ([\w.]+)", msg)
+    return f"it names {m.group(1)}" if m else "an unsupported global"
+
+
+def _reason(msg: str) -> str:
+    """The first informative line of a torch error, shortened."""
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    for ln in lines:
+        if "WeightsUnpickler error" in ln or ln.startswith(
+            ("Weights only load failed", "Please file")
+        ):
+            continue
+        return ln.split(". ")[0].rstrip(".")[:160]
+    return "unreadable"
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -135,7 +156,9 @@ def select_weights(ckpt: dict, weights: str | None = None) -> tuple[str, dict]:
     """
     if _is_state_dict(ckpt):  # a bare state dict
         if weights not in (None,):
-            raise CheckpointError(f"--weights {weights} was asked for, but the file is a bare state dict")
+            raise CheckpointError(
+                f"--weights {weights} was asked for, but the file is a bare state dict"
+            )
         return "state_dict", ckpt
     found = [k for k in (*WEIGHT_ENTRIES.values(), "model") if _is_state_dict(ckpt.get(k))]
     if weights is not None:
@@ -213,10 +236,14 @@ def infer_args(
         pr = PRESETS[preset.lower()]
         for key, have in (("hidden_size", D), ("cond_dim", C), ("n_blocks", n_blocks)):
             if pr[key] != have:
-                raise CheckpointError(f"--preset {preset} has {key}={pr[key]} but the weights have {have}")
+                raise CheckpointError(
+                    f"--preset {preset} has {key}={pr[key]} but the weights have {have}"
+                )
     for key, have in (("hidden_size", D), ("cond_dim", C), ("n_blocks", n_blocks)):
         if key in model_cfg and int(model_cfg[key]) != have:
-            raise CheckpointError(f"the config says {key}={model_cfg[key]} but the weights have {have}")
+            raise CheckpointError(
+                f"the config says {key}={model_cfg[key]} but the weights have {have}"
+            )
 
     if n_heads is not None:
         heads = int(n_heads)
@@ -254,7 +281,10 @@ def infer_args(
         raise CheckpointError("the output layer and the embedding disagree on the vocabulary size")
 
     solver = flow_cfg.get("student_solver") if student else None
-    if solver is not None and solver not in ("mixture_euler", "mixture_euler_with_cumulative_scalar"):
+    if solver is not None and solver not in (
+        "mixture_euler",
+        "mixture_euler_with_cumulative_scalar",
+    ):
         solver = None
     length = int(model_cfg.get("length", 1024))
     sched = {
@@ -288,7 +318,9 @@ def check_complete(args: ModelArgs, state_dict: dict) -> None:
     if missing:
         raise CheckpointError(f"the weights lack {len(missing)} tensor(s), e.g. {missing[0]}")
     if extra:
-        raise CheckpointError(f"the weights have {len(extra)} unexpected tensor(s), e.g. {extra[0]}")
+        raise CheckpointError(
+            f"the weights have {len(extra)} unexpected tensor(s), e.g. {extra[0]}"
+        )
     for k, shape in expected.items():
         if have[k] != shape:
             raise CheckpointError(f"{k} has shape {list(have[k])}, expected {list(shape)}")
@@ -307,7 +339,9 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     embedder("time_embedding")
     if args.dt_conditioned:
         embedder("dt_embedding")
-        s.update({"time_condition_fuser.weight": (2 * C, 2 * C), "time_condition_fuser.bias": (2 * C,)})
+        s.update(
+            {"time_condition_fuser.weight": (2 * C, 2 * C), "time_condition_fuser.bias": (2 * C,)}
+        )
     for i in range(args.n_blocks):
         b = f"blocks.{i}."
         s.update({b + "norm1.weight": (D,), b + "norm2.weight": (D,)})
@@ -368,7 +402,13 @@ def read_official(
             raise CheckpointError(f"two tensors map to {k2} after stripping prefixes")
         sd[k2] = v
     args = infer_args(
-        sd, config=cfg, preset=preset, n_heads=n_heads, source=source, vocab_size=vocab_size, notes=notes
+        sd,
+        config=cfg,
+        preset=preset,
+        n_heads=n_heads,
+        source=source,
+        vocab_size=vocab_size,
+        notes=notes,
     )
     check_complete(args, sd)
     step = ckpt.get("step") if isinstance(ckpt.get("step"), int) else None

@@ -91,12 +91,12 @@ def plan_tensors(args: ModelArgs, dtype: mx.Dtype, quant: dict | None) -> list[_
     out = []
     for name, shape in expected_shapes(args).items():
         if quant and quantizable(name, shape, quant["group_size"]):
-            O, In = shape
+            rows, cols = shape
             base = name[: -len(".weight")]
             g, bits = quant["group_size"], quant["bits"]
-            out.append(_Out(name, name, "weight", mx.uint32, (O, In * bits // 32)))
-            out.append(_Out(base + ".scales", name, "scales", dtype, (O, In // g)))
-            out.append(_Out(base + ".biases", name, "biases", dtype, (O, In // g)))
+            out.append(_Out(name, name, "weight", mx.uint32, (rows, cols * bits // 32)))
+            out.append(_Out(base + ".scales", name, "scales", dtype, (rows, cols // g)))
+            out.append(_Out(base + ".biases", name, "biases", dtype, (rows, cols // g)))
         else:
             # LayerNorm gains stay float32: the norm runs in float32 and they cost D floats each
             keep = mx.float32 if is_norm(name) else dtype
@@ -117,7 +117,9 @@ def make_shards(tensors: list[_Out], max_bytes: int = MAX_SHARD_BYTES) -> list[l
     shards: list[list[_Out]] = []
     size = 0
     for t in tensors:
-        if not shards or (t.part in ("full", "weight") and size + t.nbytes > max_bytes and shards[-1]):
+        if not shards or (
+            t.part in ("full", "weight") and size + t.nbytes > max_bytes and shards[-1]
+        ):
             shards.append([])
             size = 0
         shards[-1].append(t)
@@ -150,11 +152,15 @@ def _to_bytes(a: mx.array) -> memoryview:
     return memoryview(np.array(a, copy=False)).cast("B")
 
 
-def _convert_one(src_tensor, dtype: mx.Dtype, quant: dict | None, quantize_it: bool) -> dict[str, mx.array]:
+def _convert_one(
+    src_tensor, dtype: mx.Dtype, quant: dict | None, quantize_it: bool
+) -> dict[str, mx.array]:
     """One source tensor -> its output arrays (keyed by part); ``dtype`` is the output's."""
     x = mx.array(src_tensor.float().numpy())
     if quantize_it:
-        wq, scales, biases = mx.quantize(x.astype(dtype), group_size=quant["group_size"], bits=quant["bits"])
+        wq, scales, biases = mx.quantize(
+            x.astype(dtype), group_size=quant["group_size"], bits=quant["bits"]
+        )
         res = {"weight": wq, "scales": scales.astype(dtype), "biases": biases.astype(dtype)}
     else:
         res = {"full": x.astype(dtype)}
@@ -181,11 +187,15 @@ def write_shards(
         else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
     )
     weight_map = {}
-    for shard, fname in zip(shards, names):
+    for shard, fname in zip(shards, names, strict=True):
         header: dict = {"__metadata__": {"format": "mlx"}}
         off = 0
         for t in shard:
-            header[t.name] = {"dtype": ST_DTYPE[t.dtype], "shape": list(t.shape), "data_offsets": [off, off + t.nbytes]}
+            header[t.name] = {
+                "dtype": ST_DTYPE[t.dtype],
+                "shape": list(t.shape),
+                "data_offsets": [off, off + t.nbytes],
+            }
             off += t.nbytes
             weight_map[t.name] = fname
         hbytes = json.dumps(header, separators=(",", ":")).encode()
@@ -202,7 +212,9 @@ def write_shards(
                     _release(src)
                 arr = pending.pop(t.part)
                 if tuple(arr.shape) != t.shape or arr.dtype != t.dtype:
-                    raise CheckpointError(f"internal: {t.name} came out {arr.dtype}{list(arr.shape)}")
+                    raise CheckpointError(
+                        f"internal: {t.name} came out {arr.dtype}{list(arr.shape)}"
+                    )
                 f.write(_to_bytes(arr))
                 if progress is not None:
                     progress(t.nbytes)
@@ -225,7 +237,11 @@ def resolve_checkpoint(model: str, filename: str | None) -> Path:
         if filename is not None and p.is_dir():
             p = p / filename
         if not p.exists():
-            hint = " (for a Hugging Face repo, also pass --filename)" if "/" in model and not model.startswith((".", "/")) else ""
+            hint = (
+                " (for a Hugging Face repo, also pass --filename)"
+                if "/" in model and not model.startswith((".", "/"))
+                else ""
+            )
             raise CheckpointError(f"no such checkpoint: {model}{hint}")
         return p
     from huggingface_hub import hf_hub_download
@@ -239,7 +255,9 @@ def resolve_checkpoint(model: str, filename: str | None) -> Path:
             "(HF_HUB_OFFLINE) or unreachable"
         ) from None
     except HFValidationError:
-        raise CheckpointError(f"{model!r} is neither a local file nor a Hugging Face repo id") from None
+        raise CheckpointError(
+            f"{model!r} is neither a local file nor a Hugging Face repo id"
+        ) from None
     except Exception as e:  # network / 404 / auth: one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"could not download {filename} from {model}: {first}") from None
@@ -277,8 +295,12 @@ def tokenizer_vocab_size(folder: Path) -> int:
     return len(tok._tokenizer)
 
 
-def model_card(args: ModelArgs, ckpt: OfficialCheckpoint, source: str, dtype: str, quant: dict | None) -> str:
-    kind = "FS-DFM student (step-size conditioned)" if args.dt_conditioned else "DFM model (teacher)"
+def model_card(
+    args: ModelArgs, ckpt: OfficialCheckpoint, source: str, dtype: str, quant: dict | None
+) -> str:
+    kind = (
+        "FS-DFM student (step-size conditioned)" if args.dt_conditioned else "DFM model (teacher)"
+    )
     q = f", {quant['bits']}-bit quantized (group {quant['group_size']})" if quant else ""
     return f"""---
 library_name: mlx
@@ -373,7 +395,13 @@ def convert(
     tok_vocab = tokenizer_vocab_size(tok_dir)
     path = resolve_checkpoint(model, filename)
     ckpt = read_official(
-        path, weights=weights, config=config, preset=preset, n_heads=n_heads, source=source, vocab_size=tok_vocab
+        path,
+        weights=weights,
+        config=config,
+        preset=preset,
+        n_heads=n_heads,
+        source=source,
+        vocab_size=tok_vocab,
     )
     args = ckpt.args
     notes = list(ckpt.notes)
@@ -394,8 +422,13 @@ def convert(
         total = sum(t.nbytes for t in plan_tensors(args, mxdtype, quant))
         bar = _progress_bar(total, f"converting {ckpt.selection}", enabled=progress)
         with bar as advance:
-            files = write_shards(
-                ckpt, tmp, mxdtype, quant, max_shard_bytes=int(max_shard_size_gb * (1 << 30)), progress=advance
+            write_shards(
+                ckpt,
+                tmp,
+                mxdtype,
+                quant,
+                max_shard_bytes=int(max_shard_size_gb * (1 << 30)),
+                progress=advance,
             )
         cfg = asdict(args)
         cfg.update(
@@ -404,7 +437,12 @@ def convert(
                 "num_tokens": args.num_tokens,
                 "mask_token_id": args.mask_token_id,
                 "dtype": dtype,
-                "source": {"checkpoint": str(model), "filename": filename, "weights": ckpt.selection, "step": ckpt.step},
+                "source": {
+                    "checkpoint": str(model),
+                    "filename": filename,
+                    "weights": ckpt.selection,
+                    "step": ckpt.step,
+                },
             }
         )
         if quant:

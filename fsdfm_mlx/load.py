@@ -25,14 +25,18 @@ def resolve_model_path(path_or_repo: str | os.PathLike) -> Path:
     if p.is_dir():
         return p
     if p.exists():
-        raise FileNotFoundError(f"{p} is a file; a model is a folder with config.json (convert a .pth first)")
+        raise FileNotFoundError(
+            f"{p} is a file; a model is a folder with config.json (convert a .pth first)"
+        )
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(repo_id=str(path_or_repo), allow_patterns=ALLOW_PATTERNS))
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FileNotFoundError(f"no model at {path_or_repo}: not a folder, and not a reachable Hugging Face repo ({first})") from None
+        raise FileNotFoundError(
+            f"no model at {path_or_repo}: not a folder, and not a reachable Hugging Face repo ({first})"
+        ) from None
 
 
 def load_config(path: Path) -> dict:

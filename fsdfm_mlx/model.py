@@ -57,11 +57,17 @@ class ModelArgs:
 
     def __post_init__(self):
         if self.source_distribution not in ("uniform", "mask"):
-            raise ValueError(f"source_distribution must be 'uniform' or 'mask', got {self.source_distribution!r}")
+            raise ValueError(
+                f"source_distribution must be 'uniform' or 'mask', got {self.source_distribution!r}"
+            )
         if self.hidden_size % self.n_heads != 0:
-            raise ValueError(f"n_heads={self.n_heads} does not divide hidden_size={self.hidden_size}")
+            raise ValueError(
+                f"n_heads={self.n_heads} does not divide hidden_size={self.hidden_size}"
+            )
         if self.default_solver is None:
-            self.default_solver = "mixture_euler_with_cumulative_scalar" if self.dt_conditioned else "dfm_euler"
+            self.default_solver = (
+                "mixture_euler_with_cumulative_scalar" if self.dt_conditioned else "dfm_euler"
+            )
         if self.default_steps is None:
             self.default_steps = 8 if self.dt_conditioned else 1024
 
@@ -105,7 +111,11 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, cond_dim: int, frequency_embedding_size: int = 256):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
-        self.mlp = [nn.Linear(frequency_embedding_size, cond_dim), nn.SiLU(), nn.Linear(cond_dim, cond_dim)]
+        self.mlp = [
+            nn.Linear(frequency_embedding_size, cond_dim),
+            nn.SiLU(),
+            nn.Linear(cond_dim, cond_dim),
+        ]
 
     def __call__(self, t: mx.array) -> mx.array:
         h = timestep_embedding(t, self.frequency_embedding_size)
@@ -123,7 +133,9 @@ class LayerNorm(nn.Module):
         self.eps = eps
 
     def __call__(self, x: mx.array) -> mx.array:
-        return mx.fast.layer_norm(x.astype(mx.float32), self.weight.astype(mx.float32), None, self.eps)
+        return mx.fast.layer_norm(
+            x.astype(mx.float32), self.weight.astype(mx.float32), None, self.eps
+        )
 
 
 def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
@@ -144,7 +156,11 @@ class DDiTBlock(nn.Module):
         self.vw = nn.Linear(D, D, bias=False)
         self.attn_out = nn.Linear(D, D, bias=False)
         self.norm2 = LayerNorm(D)
-        self.mlp = [nn.Linear(D, args.mlp_ratio * D), nn.GELU(approx="precise"), nn.Linear(args.mlp_ratio * D, D)]
+        self.mlp = [
+            nn.Linear(D, args.mlp_ratio * D),
+            nn.GELU(approx="precise"),
+            nn.Linear(args.mlp_ratio * D, D),
+        ]
         if args.dt_conditioned:
             self.condition_fuser = nn.Linear(2 * C, C)
         self.adaLN_modulation = nn.Linear(C, 6 * D)
@@ -161,9 +177,25 @@ class DDiTBlock(nn.Module):
         k = self.kw(h).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
         v = self.vw(h).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
         # RoPE in float32 over the whole head dim (rotate-half layout), positions 0..L-1
-        q = mx.fast.rope(q.astype(mx.float32), self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=0).astype(dtype)
-        k = mx.fast.rope(k.astype(mx.float32), self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=0).astype(dtype)
-        a = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.head_dim**-0.5)  # [B, H, L, Dh]
+        q = mx.fast.rope(
+            q.astype(mx.float32),
+            self.head_dim,
+            traditional=False,
+            base=self.rope_base,
+            scale=1.0,
+            offset=0,
+        ).astype(dtype)
+        k = mx.fast.rope(
+            k.astype(mx.float32),
+            self.head_dim,
+            traditional=False,
+            base=self.rope_base,
+            scale=1.0,
+            offset=0,
+        ).astype(dtype)
+        a = mx.fast.scaled_dot_product_attention(
+            q, k, v, scale=self.head_dim**-0.5
+        )  # [B, H, L, Dh]
         a = a.transpose(0, 2, 1, 3).reshape(B, L, D)
         x = x + gate1 * self.attn_out(a)
 
@@ -268,5 +300,5 @@ def strip_prefixes(key: str) -> str:
         changed = False
         for p in ("module.", "_orig_mod."):
             if key.startswith(p):
-                key, changed = key[len(p):], True
+                key, changed = key[len(p) :], True
     return key

@@ -84,6 +84,8 @@ def micro_models(convert_cached):
     out = {}
     for name in ("uniform-teacher", "uniform-student", "mask-teacher", "mask-student"):
         out[name] = convert_cached(
-            SAMPLER / f"micro-{name}.pth", config=str(SAMPLER / f"micro-{name}.yaml"), dtype="float32"
+            SAMPLER / f"micro-{name}.pth",
+            config=str(SAMPLER / f"micro-{name}.yaml"),
+            dtype="float32",
         )
     return out

@@ -5,8 +5,8 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-
 from conftest import CKPT, FIXTURES
+
 from fsdfm_mlx import load
 from fsdfm_mlx.model import Model, ModelArgs, strip_prefixes, timestep_embedding
 
@@ -41,7 +41,9 @@ def _logits(path, inp, student):
 
 @pytest.mark.parametrize("name,which,weights,ref,inp,student", CASES, ids=[c[0] for c in CASES])
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("float16", 5e-2), ("bfloat16", 5e-2)])
-def test_logits_match_official(convert_cached, stepped_checkpoints, name, which, weights, ref, inp, student, dtype, tol):
+def test_logits_match_official(
+    convert_cached, stepped_checkpoints, name, which, weights, ref, inp, student, dtype, tol
+):
     path = convert_cached(
         _ckpt_path(which, stepped_checkpoints, ref),
         config=MASK_YAML if which == "dfm_mask" else YAML,
@@ -72,13 +74,20 @@ def _kl(p_logits, q_logits):
 def test_quantized(convert_cached, stepped_checkpoints, bits, group):
     full = convert_cached(stepped_checkpoints["fsdfm"], config=YAML, dtype="float32")
     q = convert_cached(
-        stepped_checkpoints["fsdfm"], config=YAML, dtype="float32", quantize=True, q_bits=bits, q_group_size=group
+        stepped_checkpoints["fsdfm"],
+        config=YAML,
+        dtype="float32",
+        quantize=True,
+        q_bits=bits,
+        q_group_size=group,
     )
     ref = _logits(full, "x_uniform", True)
     got = _logits(q, "x_uniform", True)
     err = float(np.abs(got - REF["logits_student"]).max())
     kl = _kl(ref, got)
-    print(f"{bits}-bit group {group}: max abs err vs official {err:.3g}, mean KL to float32 {kl:.3g} nats")
+    print(
+        f"{bits}-bit group {group}: max abs err vs official {err:.3g}, mean KL to float32 {kl:.3g} nats"
+    )
     model, _ = load(q)
     assert "scales" in model.blocks[0].qw  # really quantized
     if bits == 8:
@@ -87,24 +96,36 @@ def test_quantized(convert_cached, stepped_checkpoints, bits, group):
 
 
 def test_module_names_follow_checkpoint_keys():
-    args = ModelArgs(hidden_size=64, cond_dim=32, n_blocks=2, n_heads=4, vocab_size=10, dt_conditioned=True)
-    from mlx.utils import tree_flatten
-
+    args = ModelArgs(
+        hidden_size=64, cond_dim=32, n_blocks=2, n_heads=4, vocab_size=10, dt_conditioned=True
+    )
     from fsdfm_mlx.convert.checkpoint import expected_shapes
+    from mlx.utils import tree_flatten
 
     names = {k: tuple(v.shape) for k, v in tree_flatten(Model(args).parameters())}
     assert names == expected_shapes(args)
 
 
 def test_sanitize_strips_prefixes_and_drops_buffers():
-    w = {"module._orig_mod.blocks.0.qw.weight": 1, "_orig_mod.rotary_emb.inv_freq": 2, "vocab_embed.weight": 3}
+    w = {
+        "module._orig_mod.blocks.0.qw.weight": 1,
+        "_orig_mod.rotary_emb.inv_freq": 2,
+        "vocab_embed.weight": 3,
+    }
     assert Model.sanitize(w) == {"blocks.0.qw.weight": 1, "vocab_embed.weight": 3}
     assert strip_prefixes("_orig_mod.module.x") == "x"
 
 
 def test_model_args_from_dict_ignores_unknown_keys():
     a = ModelArgs.from_dict(
-        {"hidden_size": 64, "cond_dim": 8, "n_blocks": 1, "n_heads": 4, "vocab_size": 5, "unknown": 1}
+        {
+            "hidden_size": 64,
+            "cond_dim": 8,
+            "n_blocks": 1,
+            "n_heads": 4,
+            "vocab_size": 5,
+            "unknown": 1,
+        }
     )
     assert a.head_dim == 16 and a.default_solver == "dfm_euler" and a.default_steps == 1024
     with pytest.raises(ValueError, match="does not divide"):
@@ -120,7 +141,9 @@ def test_timestep_embedding_cos_first():
 
 
 def test_student_needs_dt():
-    args = ModelArgs(hidden_size=32, cond_dim=8, n_blocks=1, n_heads=2, vocab_size=7, dt_conditioned=True)
+    args = ModelArgs(
+        hidden_size=32, cond_dim=8, n_blocks=1, n_heads=2, vocab_size=7, dt_conditioned=True
+    )
     m = Model(args)
     with pytest.raises(ValueError, match="pass dt"):
         m(mx.zeros((1, 4), dtype=mx.int32), mx.array([0.5]))
