@@ -17,6 +17,21 @@ FIXTURES = Path(__file__).parent / "fixtures" / "reference"
 CKPT = FIXTURES / "checkpoints"
 SAMPLER = FIXTURES / "sampler"
 
+# figures tests want shown (parity errors, quantization KL, ...): printed at the end of every run
+REPORT: list[str] = []
+
+
+def report(line: str) -> None:
+    """Show ``line`` in the "fsdfm-mlx figures" section of pytest's terminal summary."""
+    REPORT.append(line)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if REPORT:
+        terminalreporter.section("fsdfm-mlx figures")
+        for line in REPORT:
+            terminalreporter.write_line(line)
+
 
 def stepped_state_dict(state_dict: dict, optimizer: dict) -> dict:
     """Apply the AdamW update held in ``optimizer`` (decoupled weight decay) to ``state_dict``.

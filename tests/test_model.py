@@ -5,7 +5,7 @@ from __future__ import annotations
 import mlx.core as mx
 import numpy as np
 import pytest
-from conftest import CKPT, FIXTURES
+from conftest import CKPT, FIXTURES, report
 
 from fsdfm_mlx import load
 from fsdfm_mlx.model import Model, ModelArgs, strip_prefixes, timestep_embedding
@@ -53,7 +53,7 @@ def test_logits_match_official(
     got = _logits(path, inp, student)
     assert got.shape == REF[ref].shape
     err = float(np.abs(got - REF[ref]).max())
-    print(f"{name} {dtype}: max abs err {err:.3g}")
+    report(f"logits {name} {dtype}: max abs err {err:.3g} (tolerance {tol:g})")
     assert err <= tol
 
 
@@ -85,8 +85,9 @@ def test_quantized(convert_cached, stepped_checkpoints, bits, group):
     got = _logits(q, "x_uniform", True)
     err = float(np.abs(got - REF["logits_student"]).max())
     kl = _kl(ref, got)
-    print(
-        f"{bits}-bit group {group}: max abs err vs official {err:.3g}, mean KL to float32 {kl:.3g} nats"
+    report(
+        f"quantized {bits}-bit group {group}: max abs err vs official {err:.3g}, "
+        f"mean KL to float32 {kl:.3g} nats"
     )
     model, _ = load(q)
     assert "scales" in model.blocks[0].qw  # really quantized
