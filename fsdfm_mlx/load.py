@@ -13,6 +13,16 @@ from mlx.utils import tree_flatten
 from .model import Model, ModelArgs
 
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "README.md"]
+DEFAULT_MODEL = "shakespeare-fsdfm-q4"
+
+
+def default_model_path() -> Path:
+    """The demo model shipped in the package: an FS-DFM student trained on Shakespeare.
+
+    It is what ``generate``, ``profile`` and ``eval`` use when no model is named (no download).
+    See ``examples/train_demo`` for how it was trained and converted.
+    """
+    return Path(__file__).resolve().parent / "assets" / "models" / DEFAULT_MODEL
 
 
 def resolve_model_path(path_or_repo: str | os.PathLike) -> Path:
@@ -53,12 +63,69 @@ def load_config(path: Path) -> dict:
     return config
 
 
-def load_model(path: str | os.PathLike, *, lazy: bool = False) -> tuple[Model, dict]:
+def compute_dtype(dtype: str | mx.Dtype | None, stored: mx.Dtype) -> mx.Dtype:
+    """The dtype to run in: as asked, else float32 on a CPU device for half-precision weights.
+
+    MLX's CPU backend runs bfloat16/float16 matmuls ~100x slower than float32, so on CPU a half
+    precision model is widened on load (the bytes on disk are unchanged); GPUs keep the stored dtype.
+    """
+    if dtype is not None:
+        names = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+        if isinstance(dtype, str):
+            if dtype not in names:
+                raise ValueError(f"unknown dtype {dtype!r}: choose from {', '.join(names)}")
+            return names[dtype]
+        return dtype
+    if mx.default_device().type == mx.cpu and stored in (mx.float16, mx.bfloat16):
+        return mx.float32
+    return stored
+
+
+def dequantize_weights(weights: dict[str, mx.array], group_size: int, bits: int) -> dict[str, mx.array]:
+    """Turn every quantized (weight, scales, biases) triple back into a dense weight."""
+    out = {}
+    for k, v in weights.items():
+        base = k.rsplit(".", 1)[0]
+        if k.endswith((".scales", ".biases")) and f"{base}.scales" in weights:
+            continue
+        if k.endswith(".weight") and f"{base}.scales" in weights:
+            s, b = weights[f"{base}.scales"], weights[f"{base}.biases"]
+            v = mx.dequantize(v, s, b, group_size=group_size, bits=bits).astype(s.dtype)
+        out[k] = v
+    return out
+
+
+def should_dequantize(dequantize: bool | None, config: dict) -> bool:
+    """Default: dequantize on a CPU device when the dense float32 model stays under 2 GB.
+
+    MLX's CPU quantized matmul is ~20x slower than a float32 BLAS matmul, so on CPU a small quantized
+    model runs faster dense; on GPUs quantized matmuls are the fast path and stay.
+    """
+    if config.get("quantization") is None:
+        return False
+    if dequantize is not None:
+        return bool(dequantize)
+    if mx.default_device().type != mx.cpu:
+        return False
+    params = sum(v.size for _, v in tree_flatten(Model(ModelArgs.from_dict(config)).parameters()))
+    return params * 4 < 2e9
+
+
+def load_model(
+    path: str | os.PathLike,
+    *,
+    lazy: bool = False,
+    dtype: str | mx.Dtype | None = None,
+    dequantize: bool | None = None,
+) -> tuple[Model, dict]:
     """Build the model from a folder and load its weights (strict).
 
     Args:
         path: the model folder.
         lazy: leave the weights unevaluated (they load on first use).
+        dtype: compute dtype for floating weights and quantization scales (default: as stored, but
+            float32 on a CPU device).
+        dequantize: expand a quantized model to dense weights (default: on CPU, if under 2 GB).
 
     Returns:
         (model, config dict).
@@ -74,18 +141,34 @@ def load_model(path: str | os.PathLike, *, lazy: bool = False) -> tuple[Model, d
     for f in files:
         weights.update(mx.load(str(f)))
     weights = model.sanitize(weights)
-    if (q := config.get("quantization")) is not None:
+    q = config.get("quantization")
+    if q is not None and should_dequantize(dequantize, config):
+        weights = dequantize_weights(weights, q["group_size"], q["bits"])
+        q = None
+    if q is not None:
         nn.quantize(
             model,
             group_size=q["group_size"],
             bits=q["bits"],
             class_predicate=lambda p, m: f"{p}.scales" in weights,
         )
+    stored = next((v.dtype for k, v in weights.items() if k.endswith("qw.weight") or k.endswith("qw.scales")
+                   if mx.issubdtype(v.dtype, mx.floating)), mx.float32)
+    target = compute_dtype(dtype, stored)
+    if target != stored:
+        weights = {
+            k: v.astype(target) if mx.issubdtype(v.dtype, mx.floating) and not _is_norm(k) else v
+            for k, v in weights.items()
+        }
     model.load_weights(list(weights.items()), strict=True)
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
     return model, config
+
+
+def _is_norm(key: str) -> bool:
+    return ".norm" in key or key.startswith("norm")
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -102,18 +185,26 @@ def load_tokenizer(path: str | os.PathLike):
         hf_logging.set_verbosity(level)
 
 
-def load(path_or_repo: str | os.PathLike, *, lazy: bool = False):
+def load(
+    path_or_repo: str | os.PathLike,
+    *,
+    lazy: bool = False,
+    dtype: str | None = None,
+    dequantize: bool | None = None,
+):
     """Load a converted FS-DFM model and its tokenizer.
 
     Args:
         path_or_repo: a folder made by ``fsdfm-mlx convert`` or a Hugging Face repo id holding one.
         lazy: leave the weights unevaluated until first use.
+        dtype: compute dtype (``float32`` | ``float16`` | ``bfloat16``); default: as stored, except
+            that half-precision weights run in float32 on a CPU device.
 
     Returns:
         (model, tokenizer): ``model(tokens, t, dt=None) -> logits`` and an mlx-lm TokenizerWrapper.
     """
     path = resolve_model_path(path_or_repo)
-    model, _ = load_model(path, lazy=lazy)
+    model, _ = load_model(path, lazy=lazy, dtype=dtype, dequantize=dequantize)
     return model, load_tokenizer(path)
 
 

@@ -1,0 +1,379 @@
+"""Train the demo DFM teacher on Shakespeare, then distil an FS-DFM student from it (PyTorch).
+
+Two stages, each resumable (re-run the same command and it continues from its last checkpoint):
+
+    # 1. DFM teacher: uniform source, kappa(t) = t, cross-entropy on x_1 (the official teacher loss)
+    python examples/train_demo/train.py teacher --data examples/train_demo/data --work runs/demo
+    # 2. FS-DFM student: step-size conditioned, initialised from the teacher
+    python examples/train_demo/train.py student --data examples/train_demo/data --work runs/demo
+
+Checkpoints are written in the official formats, so ``fsdfm-mlx convert`` is what turns them into
+MLX models: ``teacher.pth`` = ``{"model", "optimizer", "step", ...}`` (DFM pre-training format) and
+``student.pth`` = ``{"teacher_model", "student_model", "student_ema_model", "student_optimizer",
+"step", ...}`` (FS-DFM distillation format). Every run appends its settings and losses to
+``<work>/log.jsonl``.
+
+Distillation, as we read the paper and the official training code (our own implementation):
+for each sequence a step size ``dt`` is drawn from {1, 1/2, ..., 1/2^k}, a time ``t`` on that step
+size's grid, and ``x_t`` from the mixture path with real text ``x_1``. The student sees
+``(x_t, t, dt)``. Its target is
+  * for the smallest step size (``dt <= distill_th``): the teacher's posterior ``p_1t(. | x_t, t)``
+    (the teacher trajectory at its own fine resolution);
+  * otherwise: an RK4-style average of the EMA student's posteriors along a short simulated
+    trajectory of half steps ``dt/2`` (k1 at x_t; k2, k3 at later half-step states; k4 at the end),
+    so a big step agrees with two small ones (consistency across step budgets).
+The loss is the forward KL(target || student). Half steps are simulated with the cumulative-scalar
+jump rule the student is sampled with. Step sizes form an unbroken ladder 1, 1/2, ..., 1/1024: the
+target for ``dt`` is built from the student at ``dt/2``, so every rung down to the teacher's
+resolution must be trained (a first run that skipped 1/256 and 1/512 taught its coarse steps from
+untrained predictions and wrote word salad at 8 steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fsdfm_mlx.convert.torch_model import FSDFMTorch
+from fsdfm_mlx.model import ModelArgs
+
+VOCAB = 50257
+
+
+@dataclass
+class Settings:
+    stage: str
+    hidden_size: int = 256
+    cond_dim: int = 64
+    n_blocks: int = 6
+    n_heads: int = 4
+    length: int = 128
+    batch_size: int = 128
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 300
+    weight_decay: float = 0.03
+    betas: tuple = (0.9, 0.95)
+    grad_clip: float = 1.0
+    steps: int = 4000
+    minutes: float = 8.0  # wall-clock budget for this run (stops early, checkpointing)
+    seed: int = 0
+    ema_decay: float = 0.995
+    # student step sizes 1, 1/2, ..., 1/2^10: every size's target needs the next size down trained,
+    # so the ladder must reach the teacher's resolution without gaps
+    max_log2_steps: int = 10
+    distill_th: float = 1 / 1024  # dt at or below this: the teacher is the target
+    teacher_dt: float = 1 / 1024
+    teacher_fraction: float = 0.1  # extra share of sequences that learn the teacher at teacher_dt
+    log_every: int = 50
+    ckpt_every: int = 500
+
+
+def model_args(s: Settings, student: bool) -> ModelArgs:
+    return ModelArgs(
+        hidden_size=s.hidden_size,
+        cond_dim=s.cond_dim,
+        n_blocks=s.n_blocks,
+        n_heads=s.n_heads,
+        vocab_size=VOCAB,
+        source_distribution="uniform",
+        dt_conditioned=student,
+        length=s.length,
+    )
+
+
+def init_weights(model: FSDFMTorch) -> None:
+    """DiT-style init: small normal weights, zero adaLN (blocks start as identity), zero output layer."""
+    for name, p in model.named_parameters():
+        if name.endswith("norm1.weight") or name.endswith("norm2.weight") or "norm_final" in name:
+            torch.nn.init.ones_(p)
+        elif name.endswith(".bias"):
+            torch.nn.init.zeros_(p)
+        else:
+            torch.nn.init.normal_(p, std=0.02)
+    for name, p in model.named_parameters():
+        if "adaLN_modulation" in name or name.startswith("output_layer.linear"):
+            torch.nn.init.zeros_(p)
+
+
+class Batches:
+    """Random windows of the token stream."""
+
+    def __init__(self, tokens: np.ndarray, length: int, batch: int, device, seed: int):
+        self.t = torch.from_numpy(tokens.astype(np.int64)).to(device)
+        self.length, self.batch = length, batch
+        self.g = torch.Generator(device="cpu").manual_seed(seed)
+
+    def __call__(self) -> torch.Tensor:
+        starts = torch.randint(0, len(self.t) - self.length, (self.batch,), generator=self.g)
+        idx = starts[:, None] + torch.arange(self.length)[None]
+        return self.t[idx.to(self.t.device)]
+
+
+def mixture_path(x_1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x_t: each token is x_1 with probability kappa(t) = t, else uniform noise."""
+    x_0 = torch.randint_like(x_1, VOCAB)
+    keep = torch.rand(x_1.shape, device=x_1.device) < t[:, None]
+    return torch.where(keep, x_1, x_0)
+
+
+def lr_at(s: Settings, step: int) -> float:
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    p = min(1.0, (step - s.warmup) / max(1, s.steps - s.warmup))
+    return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
+
+
+def cumulative_scalar_step(logits, x_t, t, h):
+    """One mixture_euler_with_cumulative_scalar jump of size h (training-side, torch).
+
+    jump prob = 1 - exp(-h * alpha * (1 - p_z)), alpha = (ln(1-k_t) - ln(1-k_{t+h})) / h;
+    destination ~ p without the current token z.
+    """
+    logp = F.log_softmax(logits.float(), dim=-1)
+    p_z = logp.gather(-1, x_t[..., None]).exp()[..., 0]
+    k_t, k_th = t, (t + h).clamp(max=1.0)
+    alpha = (torch.log((1 - k_t).clamp(1e-8, 1)) - torch.log((1 - k_th).clamp(1e-8, 1))) / (h + 1e-8)
+    jump = torch.rand_like(p_z) < 1 - torch.exp(-(h * alpha)[:, None] * (1 - p_z))
+    g = -torch.log(-torch.log(torch.rand_like(logp).clamp_min(1e-20)))
+    dest = (logp + g).scatter(-1, x_t[..., None], -float("inf")).argmax(-1)
+    return torch.where(jump, dest, x_t)
+
+
+def save_atomic(obj, path: Path) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def log(work: Path, rec: dict) -> None:
+    rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **rec}
+    with open(work / "log.jsonl", "a") as f:
+        f.write(json.dumps(rec) + "\n")
+    print(json.dumps(rec), flush=True)
+
+
+def make_optimizer(model, s: Settings):
+    return torch.optim.AdamW(model.parameters(), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+
+
+@torch.no_grad()
+def heldout_loss(model, tokens, s: Settings, device, student: bool) -> float:
+    """Mean cross-entropy on held-out windows at fixed times (a comparable number across runs)."""
+    model.eval()
+    g = torch.Generator(device="cpu").manual_seed(123)
+    b = Batches(tokens, s.length, 64, device, 0)
+    b.g = g
+    losses = []
+    for t_val in (0.25, 0.5, 0.75):
+        torch.manual_seed(7)
+        x_1 = b()
+        t = torch.full((x_1.shape[0],), t_val, device=device)
+        x_t = mixture_path(x_1, t)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(x_t, t, torch.full_like(t, 1 / 1024) if student else None)
+        losses.append(F.cross_entropy(logits.float().flatten(0, 1), x_1.flatten()).item())
+    model.train()
+    return float(np.mean(losses))
+
+
+def train_teacher(s: Settings, data: Path, work: Path, device) -> None:
+    ckpt_path = work / "teacher.pth"
+    torch.manual_seed(s.seed)
+    model = FSDFMTorch(model_args(s, student=False)).to(device)
+    init_weights(model)
+    opt = make_optimizer(model, s)
+    step = 0
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        step = ck["step"]
+    train = np.load(data / "train.npy")
+    held = np.load(data / "heldout.npy")
+    batches = Batches(train, s.length, s.batch_size, device, s.seed + step)
+    log(work, {"event": "start", "stage": "teacher", "step": step, "settings": asdict(s),
+               "params": sum(p.numel() for p in model.parameters())})
+    fwd = torch.compile(model) if device.type == "cuda" else model
+    t0, losses = time.time(), []
+    while step < s.steps and (time.time() - t0) < s.minutes * 60:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(s, step)
+        x_1 = batches()
+        t = torch.rand(x_1.shape[0], device=device)
+        x_t = mixture_path(x_1, t)
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = fwd(x_t, t)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), x_1.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), s.grad_clip)
+        opt.step()
+        step += 1
+        losses.append(loss.item())
+        if step % s.log_every == 0:
+            log(work, {"stage": "teacher", "step": step, "loss": float(np.mean(losses)), "lr": lr_at(s, step),
+                       "elapsed_s": round(time.time() - t0, 1)})
+            losses = []
+        if step % s.ckpt_every == 0 or step >= s.steps:
+            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                         "train_sampler": {"epoch": 0, "seed": s.seed}, "test_sampler": {"epoch": 0, "seed": s.seed}},
+                        ckpt_path)
+    save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                 "train_sampler": {"epoch": 0, "seed": s.seed}, "test_sampler": {"epoch": 0, "seed": s.seed}},
+                ckpt_path)
+    log(work, {"event": "end", "stage": "teacher", "step": step, "heldout_ce": heldout_loss(model, held, s, device, False),
+               "elapsed_s": round(time.time() - t0, 1)})
+
+
+def sample_dt_t(s: Settings, B: int, device):
+    """Per sequence: a step size (a share at the teacher's resolution) and a time on its grid."""
+    n_sizes = s.max_log2_steps + 1
+    k = torch.randint(0, n_sizes, (B,), device=device)
+    dt = 0.5 ** k.float()
+    is_teacher = torch.rand(B, device=device) < s.teacher_fraction
+    dt = torch.where(is_teacher, torch.full_like(dt, s.teacher_dt), dt)
+    n_steps = torch.round(1.0 / dt)
+    t = torch.floor(torch.rand(B, device=device) * n_steps) / n_steps
+    return t, dt
+
+
+def train_student(s: Settings, data: Path, work: Path, device) -> None:
+    ckpt_path = work / "student.pth"
+    teacher_ck = torch.load(work / "teacher.pth", map_location=device, weights_only=True)
+    teacher = FSDFMTorch(model_args(s, student=False)).to(device)
+    teacher.load_state_dict(teacher_ck["model"])
+    teacher.eval().requires_grad_(False)
+    torch.manual_seed(s.seed + 1)
+    student = FSDFMTorch(model_args(s, student=True)).to(device)
+    init_weights(student)
+    # the student starts from the teacher's weights; dt embedding and fusers are new
+    missing, _ = student.load_state_dict(teacher_ck["model"], strict=False)
+    ema = FSDFMTorch(model_args(s, student=True)).to(device)
+    ema.load_state_dict(student.state_dict())
+    ema.eval().requires_grad_(False)
+    opt = make_optimizer(student, s)
+    step = 0
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
+        student.load_state_dict(ck["student_model"])
+        ema.load_state_dict(ck["student_ema_model"])
+        opt.load_state_dict(ck["student_optimizer"])
+        step = ck["step"]
+    train = np.load(data / "train.npy")
+    held = np.load(data / "heldout.npy")
+    batches = Batches(train, s.length, s.batch_size, device, s.seed + 10_000 + step)
+    log(work, {"event": "start", "stage": "student", "step": step, "settings": asdict(s),
+               "new_tensors": sorted(missing), "params": sum(p.numel() for p in student.parameters())})
+    cuda = device.type == "cuda"
+    s_fwd = torch.compile(student) if cuda else student
+    e_fwd = torch.compile(ema) if cuda else ema
+    t_fwd = torch.compile(teacher) if cuda else teacher
+
+    def ac():
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda)
+
+    t0, losses = time.time(), []
+    while step < s.steps and (time.time() - t0) < s.minutes * 60:
+        for g in opt.param_groups:
+            g["lr"] = lr_at(s, step)
+        x_1 = batches()
+        B = x_1.shape[0]
+        t, dt = sample_dt_t(s, B, device)
+        x_t = mixture_path(x_1, t)
+        fine = dt <= s.distill_th
+        with torch.no_grad(), ac():
+            # target 1: the teacher's posterior (fine steps)
+            target = t_fwd(x_t, t).float()
+            # target 2: RK4-style average of the EMA student over half steps (coarse steps)
+            h = dt / 2
+            k1 = e_fwd(x_t, t, h).float()
+            x_m1 = cumulative_scalar_step(k1, x_t, t, h)
+            k2 = e_fwd(x_m1, t + h, h).float()
+            x_m2 = cumulative_scalar_step(k2, x_m1, t + h, h)
+            k3 = e_fwd(x_m2, t + h, h).float()
+            x_m3 = cumulative_scalar_step(k3, x_m2, t + h, h)
+            k4 = e_fwd(x_m3, (t + dt).clamp(max=1.0), h).float()
+            rk = (k1 + 2 * k2 + 2 * k3 + k4) / 6
+            target = torch.where(fine[:, None, None], target, rk)
+        with ac():
+            logits = s_fwd(x_t, t, dt)
+        logq = F.log_softmax(logits.float(), -1)
+        logp = F.log_softmax(target, -1)
+        kl = (logp.exp() * (logp - logq)).sum(-1).mean(-1)  # [B]
+        loss = kl.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), s.grad_clip)
+        opt.step()
+        with torch.no_grad():
+            for pe, ps in zip(ema.parameters(), student.parameters(), strict=True):
+                pe.lerp_(ps, 1 - s.ema_decay)
+        step += 1
+        losses.append((loss.item(), kl[fine].mean().item() if fine.any() else float("nan"),
+                       kl[~fine].mean().item() if (~fine).any() else float("nan")))
+        if step % s.log_every == 0:
+            arr = np.array(losses)
+            log(work, {"stage": "student", "step": step, "loss": float(np.nanmean(arr[:, 0])),
+                       "kl_teacher": float(np.nanmean(arr[:, 1])), "kl_consistency": float(np.nanmean(arr[:, 2])),
+                       "lr": lr_at(s, step), "elapsed_s": round(time.time() - t0, 1)})
+            losses = []
+        if step % s.ckpt_every == 0:
+            _save_student(ckpt_path, teacher, student, ema, opt, step, s)
+    _save_student(ckpt_path, teacher, student, ema, opt, step, s)
+    log(work, {"event": "end", "stage": "student", "step": step,
+               "heldout_ce_ema_fine_dt": heldout_loss(ema, held, s, device, True),
+               "elapsed_s": round(time.time() - t0, 1)})
+
+
+def _save_student(path, teacher, student, ema, opt, step, s):
+    save_atomic({"step": step, "train_sampler": {"epoch": 0, "seed": s.seed}, "test_sampler": {"epoch": 0, "seed": s.seed},
+                 "teacher_model": teacher.state_dict(), "student_model": student.state_dict(),
+                 "student_ema_model": ema.state_dict(), "student_optimizer": opt.state_dict()}, path)
+
+
+def write_config(s: Settings, work: Path) -> None:
+    """The model:/flow: part of a training config, for ``fsdfm-mlx convert --config``."""
+    import yaml
+
+    cfg = {
+        "model": {"hidden_size": s.hidden_size, "cond_dim": s.cond_dim, "n_blocks": s.n_blocks,
+                  "n_heads": s.n_heads, "dropout": 0.0, "length": s.length, "compile": True},
+        "flow": {"source_distribution": "uniform", "scheduler_type": "polynomial", "exponent": 1.0,
+                 "student_solver": "mixture_euler_with_cumulative_scalar", "sampling_steps": 1024},
+    }
+    (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("stage", choices=["teacher", "student"])
+    ap.add_argument("--data", default="examples/train_demo/data")
+    ap.add_argument("--work", default="runs/demo")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    for f, v in asdict(Settings(stage="x")).items():
+        if f == "stage" or isinstance(v, tuple):
+            continue
+        ap.add_argument("--" + f.replace("_", "-"), type=type(v), default=None)
+    a = ap.parse_args()
+    s = Settings(stage=a.stage, **{k: v for k, v in vars(a).items() if k in Settings.__dataclass_fields__ and k != "stage" and v is not None})
+    work = Path(a.work)
+    work.mkdir(parents=True, exist_ok=True)
+    write_config(s, work)
+    device = torch.device(a.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    (train_teacher if a.stage == "teacher" else train_student)(s, Path(a.data), work, device)
+
+
+if __name__ == "__main__":
+    main()
