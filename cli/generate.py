@@ -103,7 +103,12 @@ def generate_command(
         None, "--tokens-out", help="Save the [B, L] int32 token ids to FILE.npy."
     ),
     verbose: bool = typer.Option(False, "--verbose", help="Per-step lines on stderr."),
-    coreml: str | None = typer.Option(None, "--coreml", hidden=True),
+    coreml: str | None = typer.Option(
+        None, "--coreml", help="Run a Core ML package (macOS only) with the same sampler."
+    ),
+    check: bool = typer.Option(
+        False, "--check", help="With --coreml: compare its logits with --model's MLX logits first."
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite --tokens-out / --html files."),
     num_samples: int | None = typer.Option(
         None,
@@ -134,7 +139,7 @@ def generate_command(
         _generate(**params)
     except typer.Exit:
         raise
-    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, NotImplementedError, RuntimeError) as e:
         _fail(str(e) or type(e).__name__)
     except OSError as e:
         _fail(f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e))
@@ -162,13 +167,16 @@ def _generate(
     coreml,
     force,
     num_samples=None,
+    check=False,
 ) -> None:
     from fsdfm_mlx.generate import format_summary, save_tokens, stream_generate, summary
 
-    if coreml is not None:
-        raise ValueError("--coreml is not supported by generate yet")
+    if check and coreml is None:
+        raise ValueError("--check compares a Core ML package with --model: pass --coreml too")
     if model is None:
-        raise ValueError("--model is required (a converted model folder or Hugging Face repo)")
+        import fsdfm_mlx
+
+        model = str(fsdfm_mlx.default_model_path())  # the shipped demo model: no download
     if num_samples is not None and (isinstance(num_samples, bool) or num_samples <= 0):
         raise ValueError(f"--num-samples must be a positive integer, got {num_samples}")
     from fsdfm_mlx import distributed
@@ -182,7 +190,22 @@ def _generate(
 
     import fsdfm_mlx
 
-    mlx_model, tokenizer = fsdfm_mlx.load(model)
+    if coreml is not None:
+        # macOS only: the package computes the logits, our sampler does the rest
+        from fsdfm_mlx.coreml_runner import CoreMLModel, ParityError, check_parity
+        from fsdfm_mlx.load import load_tokenizer
+
+        mlx_model = CoreMLModel(coreml)  # raises a one-line RuntimeError off macOS
+        if check:
+            try:
+                res = check_parity(coreml, model)
+            except ParityError as e:
+                raise ValueError(str(e)) from None
+            print(f"Core ML parity: max abs logit diff {res['max_abs_diff']:.3g}", file=sys.stderr)
+        tok_dir = Path(coreml).with_suffix(".tokenizer")
+        tokenizer = load_tokenizer(tok_dir if tok_dir.is_dir() else fsdfm_mlx.default_model_path())
+    else:
+        mlx_model, tokenizer = fsdfm_mlx.load(model)
     stream = stream_generate(
         mlx_model,
         tokenizer,

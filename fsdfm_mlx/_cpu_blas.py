@@ -22,7 +22,9 @@ STATE = {"blas": "default"}
 
 def _candidates() -> list[str]:
     found = []
-    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(sys.executable)))):
+    for prefix in dict.fromkeys(
+        (sys.prefix, sys.base_prefix, os.path.dirname(os.path.dirname(sys.executable)))
+    ):
         found += sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*")), reverse=True)
     return found
 
@@ -49,5 +51,7 @@ def load_fast_blas() -> str:
         ctypes.CDLL(libs[0], mode=ctypes.RTLD_GLOBAL)
     except OSError:
         return STATE["blas"]
-    STATE["blas"] = f"mkl ({os.path.basename(libs[0])}, {os.environ['MKL_THREADING_LAYER'].lower()} threading)"
+    STATE["blas"] = (
+        f"mkl ({os.path.basename(libs[0])}, {os.environ['MKL_THREADING_LAYER'].lower()} threading)"
+    )
     return STATE["blas"]

@@ -81,7 +81,9 @@ def compute_dtype(dtype: str | mx.Dtype | None, stored: mx.Dtype) -> mx.Dtype:
     return stored
 
 
-def dequantize_weights(weights: dict[str, mx.array], group_size: int, bits: int) -> dict[str, mx.array]:
+def dequantize_weights(
+    weights: dict[str, mx.array], group_size: int, bits: int
+) -> dict[str, mx.array]:
     """Turn every quantized (weight, scales, biases) triple back into a dense weight."""
     out = {}
     for k, v in weights.items():
@@ -152,8 +154,15 @@ def load_model(
             bits=q["bits"],
             class_predicate=lambda p, m: f"{p}.scales" in weights,
         )
-    stored = next((v.dtype for k, v in weights.items() if k.endswith("qw.weight") or k.endswith("qw.scales")
-                   if mx.issubdtype(v.dtype, mx.floating)), mx.float32)
+    stored = next(
+        (
+            v.dtype
+            for k, v in weights.items()
+            if k.endswith("qw.weight") or k.endswith("qw.scales")
+            if mx.issubdtype(v.dtype, mx.floating)
+        ),
+        mx.float32,
+    )
     target = compute_dtype(dtype, stored)
     if target != stored:
         weights = {

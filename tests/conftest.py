@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+import fsdfm_mlx  # noqa: F401  (first: gives MLX's Linux CPU backend MKL before mlx.core loads)
+
 FIXTURES = Path(__file__).parent / "fixtures" / "reference"
 CKPT = FIXTURES / "checkpoints"
 SAMPLER = FIXTURES / "sampler"

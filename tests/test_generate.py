@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import mlx.core as mx
 import numpy as np
@@ -262,7 +263,6 @@ def test_cli_visual_and_html(cli, micro_models, tmp_path):
 @pytest.mark.parametrize(
     "args,text",
     [
-        ((), "--model is required"),
         (("--steps", 0), "steps must be a positive integer"),
         (("--top-p", 2), "top_p must be in (0, 1]"),
         (("--top-k", 0), "top_k must be an integer >= 1"),
@@ -276,6 +276,28 @@ def test_cli_bad_input_is_one_line(cli, micro_models, args, text):
     result = cli(*args)
     _assert_clean_error(result, text)
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_default_model_is_shipped_and_writes_text(cli):
+    """No --model: the Shakespeare student inside the package writes a passage (no download)."""
+    import json
+
+    import fsdfm_mlx
+
+    assert (fsdfm_mlx.default_model_path() / "model.safetensors").exists()
+    result = cli("--seed", "0", "--json")
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    text = out["texts"][0] if "texts" in out else out["text"][0]
+    assert len(text) > 200  # 128 GPT-2 tokens of English-like text
+    words = text.split()
+    assert sum(w.strip(".,;:!?'\"-[]").isalpha() for w in words) > 0.6 * len(words)
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="checks the message shown off macOS")
+def test_cli_coreml_off_macos_is_refused_with_the_reason(cli, tmp_path):
+    result = cli("--coreml", tmp_path / "Model.mlpackage", "--check")
+    _assert_clean_error(result, "only on macOS")
 
 
 def test_cli_missing_model_folder(cli, tmp_path):

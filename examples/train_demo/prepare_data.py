@@ -35,8 +35,9 @@ def main() -> None:
     ap.add_argument("--heldout-every", type=int, default=10, help="hold out works 0, N, 2N, ...")
     a = ap.parse_args()
 
-    from fsdfm_mlx.load import load_tokenizer
     from fsdfm_mlx.convert.to_mlx import default_tokenizer_dir
+
+    from fsdfm_mlx.load import load_tokenizer
 
     tok = load_tokenizer(default_tokenizer_dir())
     text = Path(a.corpus).read_text()

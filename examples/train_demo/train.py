@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-
 from fsdfm_mlx.convert.torch_model import FSDFMTorch
+
 from fsdfm_mlx.model import ModelArgs
 
 VOCAB = 50257
@@ -142,7 +142,9 @@ def cumulative_scalar_step(logits, x_t, t, h):
     logp = F.log_softmax(logits.float(), dim=-1)
     p_z = logp.gather(-1, x_t[..., None]).exp()[..., 0]
     k_t, k_th = t, (t + h).clamp(max=1.0)
-    alpha = (torch.log((1 - k_t).clamp(1e-8, 1)) - torch.log((1 - k_th).clamp(1e-8, 1))) / (h + 1e-8)
+    alpha = (torch.log((1 - k_t).clamp(1e-8, 1)) - torch.log((1 - k_th).clamp(1e-8, 1))) / (
+        h + 1e-8
+    )
     jump = torch.rand_like(p_z) < 1 - torch.exp(-(h * alpha)[:, None] * (1 - p_z))
     g = -torch.log(-torch.log(torch.rand_like(logp).clamp_min(1e-20)))
     dest = (logp + g).scatter(-1, x_t[..., None], -float("inf")).argmax(-1)
@@ -163,7 +165,9 @@ def log(work: Path, rec: dict) -> None:
 
 
 def make_optimizer(model, s: Settings):
-    return torch.optim.AdamW(model.parameters(), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
+    return torch.optim.AdamW(
+        model.parameters(), lr=s.lr, betas=s.betas, weight_decay=s.weight_decay
+    )
 
 
 @torch.no_grad()
@@ -179,7 +183,9 @@ def heldout_loss(model, tokens, s: Settings, device, student: bool) -> float:
         x_1 = b()
         t = torch.full((x_1.shape[0],), t_val, device=device)
         x_t = mixture_path(x_1, t)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(
+            device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+        ):
             logits = model(x_t, t, torch.full_like(t, 1 / 1024) if student else None)
         losses.append(F.cross_entropy(logits.float().flatten(0, 1), x_1.flatten()).item())
     model.train()
@@ -201,8 +207,16 @@ def train_teacher(s: Settings, data: Path, work: Path, device) -> None:
     train = np.load(data / "train.npy")
     held = np.load(data / "heldout.npy")
     batches = Batches(train, s.length, s.batch_size, device, s.seed + step)
-    log(work, {"event": "start", "stage": "teacher", "step": step, "settings": asdict(s),
-               "params": sum(p.numel() for p in model.parameters())})
+    log(
+        work,
+        {
+            "event": "start",
+            "stage": "teacher",
+            "step": step,
+            "settings": asdict(s),
+            "params": sum(p.numel() for p in model.parameters()),
+        },
+    )
     fwd = torch.compile(model) if device.type == "cuda" else model
     t0, losses = time.time(), []
     while step < s.steps and (time.time() - t0) < s.minutes * 60:
@@ -211,7 +225,9 @@ def train_teacher(s: Settings, data: Path, work: Path, device) -> None:
         x_1 = batches()
         t = torch.rand(x_1.shape[0], device=device)
         x_t = mixture_path(x_1, t)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(
+            device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+        ):
             logits = fwd(x_t, t)
         loss = F.cross_entropy(logits.float().flatten(0, 1), x_1.flatten())
         opt.zero_grad(set_to_none=True)
@@ -221,18 +237,48 @@ def train_teacher(s: Settings, data: Path, work: Path, device) -> None:
         step += 1
         losses.append(loss.item())
         if step % s.log_every == 0:
-            log(work, {"stage": "teacher", "step": step, "loss": float(np.mean(losses)), "lr": lr_at(s, step),
-                       "elapsed_s": round(time.time() - t0, 1)})
+            log(
+                work,
+                {
+                    "stage": "teacher",
+                    "step": step,
+                    "loss": float(np.mean(losses)),
+                    "lr": lr_at(s, step),
+                    "elapsed_s": round(time.time() - t0, 1),
+                },
+            )
             losses = []
         if step % s.ckpt_every == 0 or step >= s.steps:
-            save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                         "train_sampler": {"epoch": 0, "seed": s.seed}, "test_sampler": {"epoch": 0, "seed": s.seed}},
-                        ckpt_path)
-    save_atomic({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
-                 "train_sampler": {"epoch": 0, "seed": s.seed}, "test_sampler": {"epoch": 0, "seed": s.seed}},
-                ckpt_path)
-    log(work, {"event": "end", "stage": "teacher", "step": step, "heldout_ce": heldout_loss(model, held, s, device, False),
-               "elapsed_s": round(time.time() - t0, 1)})
+            save_atomic(
+                {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                    "train_sampler": {"epoch": 0, "seed": s.seed},
+                    "test_sampler": {"epoch": 0, "seed": s.seed},
+                },
+                ckpt_path,
+            )
+    save_atomic(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "train_sampler": {"epoch": 0, "seed": s.seed},
+            "test_sampler": {"epoch": 0, "seed": s.seed},
+        },
+        ckpt_path,
+    )
+    log(
+        work,
+        {
+            "event": "end",
+            "stage": "teacher",
+            "step": step,
+            "heldout_ce": heldout_loss(model, held, s, device, False),
+            "elapsed_s": round(time.time() - t0, 1),
+        },
+    )
 
 
 def sample_dt_t(s: Settings, B: int, device):
@@ -272,8 +318,17 @@ def train_student(s: Settings, data: Path, work: Path, device) -> None:
     train = np.load(data / "train.npy")
     held = np.load(data / "heldout.npy")
     batches = Batches(train, s.length, s.batch_size, device, s.seed + 10_000 + step)
-    log(work, {"event": "start", "stage": "student", "step": step, "settings": asdict(s),
-               "new_tensors": sorted(missing), "params": sum(p.numel() for p in student.parameters())})
+    log(
+        work,
+        {
+            "event": "start",
+            "stage": "student",
+            "step": step,
+            "settings": asdict(s),
+            "new_tensors": sorted(missing),
+            "params": sum(p.numel() for p in student.parameters()),
+        },
+    )
     cuda = device.type == "cuda"
     s_fwd = torch.compile(student) if cuda else student
     e_fwd = torch.compile(ema) if cuda else ema
@@ -319,26 +374,56 @@ def train_student(s: Settings, data: Path, work: Path, device) -> None:
             for pe, ps in zip(ema.parameters(), student.parameters(), strict=True):
                 pe.lerp_(ps, 1 - s.ema_decay)
         step += 1
-        losses.append((loss.item(), kl[fine].mean().item() if fine.any() else float("nan"),
-                       kl[~fine].mean().item() if (~fine).any() else float("nan")))
+        losses.append(
+            (
+                loss.item(),
+                kl[fine].mean().item() if fine.any() else float("nan"),
+                kl[~fine].mean().item() if (~fine).any() else float("nan"),
+            )
+        )
         if step % s.log_every == 0:
             arr = np.array(losses)
-            log(work, {"stage": "student", "step": step, "loss": float(np.nanmean(arr[:, 0])),
-                       "kl_teacher": float(np.nanmean(arr[:, 1])), "kl_consistency": float(np.nanmean(arr[:, 2])),
-                       "lr": lr_at(s, step), "elapsed_s": round(time.time() - t0, 1)})
+            log(
+                work,
+                {
+                    "stage": "student",
+                    "step": step,
+                    "loss": float(np.nanmean(arr[:, 0])),
+                    "kl_teacher": float(np.nanmean(arr[:, 1])),
+                    "kl_consistency": float(np.nanmean(arr[:, 2])),
+                    "lr": lr_at(s, step),
+                    "elapsed_s": round(time.time() - t0, 1),
+                },
+            )
             losses = []
         if step % s.ckpt_every == 0:
             _save_student(ckpt_path, teacher, student, ema, opt, step, s)
     _save_student(ckpt_path, teacher, student, ema, opt, step, s)
-    log(work, {"event": "end", "stage": "student", "step": step,
-               "heldout_ce_ema_fine_dt": heldout_loss(ema, held, s, device, True),
-               "elapsed_s": round(time.time() - t0, 1)})
+    log(
+        work,
+        {
+            "event": "end",
+            "stage": "student",
+            "step": step,
+            "heldout_ce_ema_fine_dt": heldout_loss(ema, held, s, device, True),
+            "elapsed_s": round(time.time() - t0, 1),
+        },
+    )
 
 
 def _save_student(path, teacher, student, ema, opt, step, s):
-    save_atomic({"step": step, "train_sampler": {"epoch": 0, "seed": s.seed}, "test_sampler": {"epoch": 0, "seed": s.seed},
-                 "teacher_model": teacher.state_dict(), "student_model": student.state_dict(),
-                 "student_ema_model": ema.state_dict(), "student_optimizer": opt.state_dict()}, path)
+    save_atomic(
+        {
+            "step": step,
+            "train_sampler": {"epoch": 0, "seed": s.seed},
+            "test_sampler": {"epoch": 0, "seed": s.seed},
+            "teacher_model": teacher.state_dict(),
+            "student_model": student.state_dict(),
+            "student_ema_model": ema.state_dict(),
+            "student_optimizer": opt.state_dict(),
+        },
+        path,
+    )
 
 
 def write_config(s: Settings, work: Path) -> None:
@@ -346,10 +431,22 @@ def write_config(s: Settings, work: Path) -> None:
     import yaml
 
     cfg = {
-        "model": {"hidden_size": s.hidden_size, "cond_dim": s.cond_dim, "n_blocks": s.n_blocks,
-                  "n_heads": s.n_heads, "dropout": 0.0, "length": s.length, "compile": True},
-        "flow": {"source_distribution": "uniform", "scheduler_type": "polynomial", "exponent": 1.0,
-                 "student_solver": "mixture_euler_with_cumulative_scalar", "sampling_steps": 1024},
+        "model": {
+            "hidden_size": s.hidden_size,
+            "cond_dim": s.cond_dim,
+            "n_blocks": s.n_blocks,
+            "n_heads": s.n_heads,
+            "dropout": 0.0,
+            "length": s.length,
+            "compile": True,
+        },
+        "flow": {
+            "source_distribution": "uniform",
+            "scheduler_type": "polynomial",
+            "exponent": 1.0,
+            "student_solver": "mixture_euler_with_cumulative_scalar",
+            "sampling_steps": 1024,
+        },
     }
     (work / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
 
@@ -365,7 +462,14 @@ def main() -> None:
             continue
         ap.add_argument("--" + f.replace("_", "-"), type=type(v), default=None)
     a = ap.parse_args()
-    s = Settings(stage=a.stage, **{k: v for k, v in vars(a).items() if k in Settings.__dataclass_fields__ and k != "stage" and v is not None})
+    s = Settings(
+        stage=a.stage,
+        **{
+            k: v
+            for k, v in vars(a).items()
+            if k in Settings.__dataclass_fields__ and k != "stage" and v is not None
+        },
+    )
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     write_config(s, work)

@@ -38,14 +38,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32")
     a = ap.parse_args()
 
     from transformers import GPT2Config, GPT2LMHeadModel
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(a.seed)
-    cfg = GPT2Config(vocab_size=50257, n_positions=a.length, n_embd=a.dim, n_layer=a.layers, n_head=a.heads,
-                     bos_token_id=50256, eos_token_id=50256)
+    cfg = GPT2Config(
+        vocab_size=50257,
+        n_positions=a.length,
+        n_embd=a.dim,
+        n_layer=a.layers,
+        n_head=a.heads,
+        bos_token_id=50256,
+        eos_token_id=50256,
+    )
     model = GPT2LMHeadModel(cfg).to(device)
     train = torch.from_numpy(np.load(Path(a.data) / "train.npy").astype(np.int64)).to(device)
     held = torch.from_numpy(np.load(Path(a.data) / "heldout.npy").astype(np.int64)).to(device)
@@ -61,11 +69,17 @@ def main() -> None:
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     t0, step, losses = time.time(), 0, []
     while step < a.steps and time.time() - t0 < a.minutes * 60:
-        lr = a.lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / a.steps)))
+        lr = (
+            a.lr
+            * min(1.0, (step + 1) / 200)
+            * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / a.steps)))
+        )
         for pg in opt.param_groups:
             pg["lr"] = lr
         x = batch(train, a.batch_size, g)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(
+            device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"
+        ):
             logits = model(x[:, :-1]).logits
         loss = F.cross_entropy(logits.float().flatten(0, 1), x[:, 1:].flatten())
         opt.zero_grad(set_to_none=True)
@@ -75,7 +89,12 @@ def main() -> None:
         step += 1
         losses.append(loss.item())
         if step % 100 == 0:
-            rec = {"step": step, "loss": float(np.mean(losses)), "lr": lr, "elapsed_s": round(time.time() - t0, 1)}
+            rec = {
+                "step": step,
+                "loss": float(np.mean(losses)),
+                "lr": lr,
+                "elapsed_s": round(time.time() - t0, 1),
+            }
             losses = []
             print(json.dumps(rec), flush=True)
             with open(log, "a") as f:
@@ -84,9 +103,17 @@ def main() -> None:
     with torch.no_grad():
         hg = torch.Generator().manual_seed(1)
         x = batch(held, 64, hg)
-        hl = F.cross_entropy(model(x[:, :-1]).logits.float().flatten(0, 1), x[:, 1:].flatten()).item()
-    rec = {"event": "end", "steps": step, "heldout_nll": hl, "heldout_ppl": math.exp(hl),
-           "params": sum(p.numel() for p in model.parameters()), "elapsed_s": round(time.time() - t0, 1)}
+        hl = F.cross_entropy(
+            model(x[:, :-1]).logits.float().flatten(0, 1), x[:, 1:].flatten()
+        ).item()
+    rec = {
+        "event": "end",
+        "steps": step,
+        "heldout_nll": hl,
+        "heldout_ppl": math.exp(hl),
+        "params": sum(p.numel() for p in model.parameters()),
+        "elapsed_s": round(time.time() - t0, 1),
+    }
     print(json.dumps(rec), flush=True)
     with open(log, "a") as f:
         f.write(json.dumps(rec) + "\n")
@@ -94,9 +121,37 @@ def main() -> None:
     # mlx-lm's gpt2 expects the original GPT-2 checkpoint keys ("h.0...", "wte.weight"; tied head)
     from safetensors.torch import save_file
 
-    sd = {k.removeprefix("transformer."): v.contiguous() for k, v in model.state_dict().items()
-          if not k.startswith("lm_head.") and not k.endswith(".attn.bias")}
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr(), (
+        "head not tied"
+    )
+    dt = torch.bfloat16 if a.save_dtype == "bfloat16" else torch.float32
+    sd = {
+        k.removeprefix("transformer."): v.detach().to(dt).contiguous()
+        for k, v in model.state_dict().items()
+        if not k.startswith("lm_head.") and not k.endswith(".attn.bias")
+    }
     save_file(sd, str(Path(a.out) / "model.safetensors"), metadata={"format": "pt"})
+    # read the file back into a fresh model: the exported weights must score like the trained ones
+    from safetensors.torch import load_file
+
+    fresh = GPT2LMHeadModel(cfg).to(device).eval()
+    missing, _ = fresh.load_state_dict(
+        {
+            "transformer." + k: v.float()
+            for k, v in load_file(str(Path(a.out) / "model.safetensors")).items()
+        },
+        strict=False,
+    )
+    fresh.tie_weights()
+    with torch.no_grad():
+        x = batch(held, 64, torch.Generator().manual_seed(1))
+        rl = F.cross_entropy(
+            fresh(x[:, :-1]).logits.float().flatten(0, 1), x[:, 1:].flatten()
+        ).item()
+    rec = {"event": "export-check", "heldout_nll_reloaded": rl, "missing": sorted(missing)}
+    print(json.dumps(rec), flush=True)
+    with open(log, "a") as f:
+        f.write(json.dumps(rec) + "\n")
     # mlx-lm's gpt2 reads n_ctx, which newer transformers no longer writes
     cfg_path = Path(a.out) / "config.json"
     c = json.loads(cfg_path.read_text())
