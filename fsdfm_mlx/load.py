@@ -38,10 +38,13 @@ def resolve_model_path(path_or_repo: str | os.PathLike) -> Path:
         raise FileNotFoundError(
             f"{p} is a file; a model is a folder with config.json (convert a .pth first)"
         )
+    name = str(path_or_repo)
+    if name.startswith(("/", ".", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(f"no such model folder: {name}")  # a path, not a repo id
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(repo_id=str(path_or_repo), allow_patterns=ALLOW_PATTERNS))
+        return Path(snapshot_download(repo_id=name, allow_patterns=ALLOW_PATTERNS))
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FileNotFoundError(

@@ -301,7 +301,7 @@ def test_cli_coreml_off_macos_is_refused_with_the_reason(cli, tmp_path):
 
 
 def test_cli_missing_model_folder(cli, tmp_path):
-    _assert_clean_error(cli("--model", tmp_path / "nothing-here"), "no model at")
+    _assert_clean_error(cli("--model", tmp_path / "nothing-here"), "no such model folder")
 
 
 def test_cli_student_solver_on_teacher(cli, micro_models):
