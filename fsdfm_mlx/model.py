@@ -173,26 +173,19 @@ class DDiTBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = mx.split(mod, 6, axis=-1)
 
         h = modulate(self.norm1(x), shift1, scale1).astype(dtype)
-        q = self.qw(h).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-        k = self.kw(h).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-        v = self.vw(h).reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
-        # RoPE in float32 over the whole head dim (rotate-half layout), positions 0..L-1
-        q = mx.fast.rope(
-            q.astype(mx.float32),
-            self.head_dim,
-            traditional=False,
-            base=self.rope_base,
-            scale=1.0,
-            offset=0,
-        ).astype(dtype)
-        k = mx.fast.rope(
-            k.astype(mx.float32),
-            self.head_dim,
-            traditional=False,
-            base=self.rope_base,
-            scale=1.0,
-            offset=0,
-        ).astype(dtype)
+
+        def heads(x: mx.array) -> mx.array:  # [B, L, D] -> [B, H, L, Dh]
+            return x.reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+
+        def rope(x: mx.array) -> mx.array:
+            # in float32 over the whole head dim (rotate-half layout), positions 0..L-1
+            x = x.astype(mx.float32)
+            x = mx.fast.rope(
+                x, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=0
+            )
+            return x.astype(dtype)
+
+        q, k, v = rope(heads(self.qw(h))), rope(heads(self.kw(h))), heads(self.vw(h))
         a = mx.fast.scaled_dot_product_attention(
             q, k, v, scale=self.head_dim**-0.5
         )  # [B, H, L, Dh]
