@@ -21,7 +21,6 @@ of the vocabulary (+1 with a mask source).
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -370,43 +369,19 @@ def read_mlx_folder(path: str | Path) -> tuple[ModelArgs, dict[str, Tensor]]:
     """Read a converted MLX folder into ``ModelArgs`` and a float32 torch state dict.
 
     Quantized layers (``X.weight`` packed with ``X.scales`` / ``X.biases``) are dequantized with
-    ``mx.dequantize``; group size and bits come from ``config["quantization"]`` (per-layer entries
-    win).
+    ``fsdfm_mlx.load.dequantize_weights`` (group size and bits from ``config["quantization"]``,
+    per-layer entries win).
     """
     import mlx.core as mx
     import numpy as np
 
-    path = Path(path)
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{path} is not a converted model folder (no config.json)")
-    config = json.loads(config_file.read_text())
-    args = ModelArgs.from_dict(config)
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    else:
-        files = ["model.safetensors"]
-    weights: dict[str, mx.array] = {}
-    for name in files:
-        weights.update(mx.load(str(path / name)))
+    from fsdfm_mlx.load import dequantize_weights, load_config, read_weights
 
-    quant = config.get("quantization") or {}
-    out: dict[str, Tensor] = {}
-    for key, value in weights.items():
-        if key.endswith(".scales") or key.endswith(".biases"):
-            continue
-        prefix = key[: -len(".weight")] if key.endswith(".weight") else None
-        if prefix is not None and f"{prefix}.scales" in weights:
-            layer = quant.get(prefix) if isinstance(quant.get(prefix), dict) else quant
-            kwargs = {
-                "group_size": int(layer.get("group_size", 64)),
-                "bits": int(layer.get("bits", 4)),
-            }
-            if layer.get("mode", "affine") != "affine":
-                kwargs["mode"] = layer["mode"]
-            value = mx.dequantize(
-                value, weights[f"{prefix}.scales"], weights.get(f"{prefix}.biases"), **kwargs
-            )
-        out[key] = torch.from_numpy(np.array(value.astype(mx.float32)))
+    path = Path(path)
+    config = load_config(path)
+    args = ModelArgs.from_dict(config)
+    weights = read_weights(path)
+    if config.get("quantization"):
+        weights = dequantize_weights(weights, config["quantization"])
+    out = {k: torch.from_numpy(np.array(v.astype(mx.float32))) for k, v in weights.items()}
     return args, out

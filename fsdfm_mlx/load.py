@@ -84,18 +84,38 @@ def compute_dtype(dtype: str | mx.Dtype | None, stored: mx.Dtype) -> mx.Dtype:
     return stored
 
 
-def dequantize_weights(
-    weights: dict[str, mx.array], group_size: int, bits: int
-) -> dict[str, mx.array]:
-    """Turn every quantized (weight, scales, biases) triple back into a dense weight."""
+def read_weights(path: Path) -> dict[str, mx.array]:
+    """All tensors of a model folder's ``model*.safetensors`` (one file or shards)."""
+    files = sorted(Path(path).glob("model*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{path} has no model*.safetensors")
+    weights: dict[str, mx.array] = {}
+    for f in files:
+        weights.update(mx.load(str(f)))
+    return weights
+
+
+def dequantize_weights(weights: dict[str, mx.array], quantization: dict) -> dict[str, mx.array]:
+    """Turn every quantized (weight, scales, biases) triple back into a dense weight.
+
+    Args:
+        weights: tensors as stored.
+        quantization: ``config["quantization"]``: ``group_size``, ``bits`` (and ``mode``), with
+            optional per-layer dicts keyed by the layer's path, as mlx-lm writes them.
+    """
     out = {}
     for k, v in weights.items():
         base = k.rsplit(".", 1)[0]
         if k.endswith((".scales", ".biases")) and f"{base}.scales" in weights:
             continue
         if k.endswith(".weight") and f"{base}.scales" in weights:
-            s, b = weights[f"{base}.scales"], weights[f"{base}.biases"]
-            v = mx.dequantize(v, s, b, group_size=group_size, bits=bits).astype(s.dtype)
+            layer = quantization.get(base)
+            layer = layer if isinstance(layer, dict) else quantization
+            kw = {"group_size": int(layer.get("group_size", 64)), "bits": int(layer.get("bits", 4))}
+            if layer.get("mode", "affine") != "affine":
+                kw["mode"] = layer["mode"]
+            s = weights[f"{base}.scales"]
+            v = mx.dequantize(v, s, weights.get(f"{base}.biases"), **kw).astype(s.dtype)
         out[k] = v
     return out
 
@@ -139,16 +159,10 @@ def load_model(
     config = load_config(path)
     args = ModelArgs.from_dict(config)
     model = Model(args)
-    files = sorted(path.glob("model*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{path} has no model*.safetensors")
-    weights: dict[str, mx.array] = {}
-    for f in files:
-        weights.update(mx.load(str(f)))
-    weights = model.sanitize(weights)
+    weights = model.sanitize(read_weights(path))
     q = config.get("quantization")
     if q is not None and should_dequantize(dequantize, config):
-        weights = dequantize_weights(weights, q["group_size"], q["bits"])
+        weights = dequantize_weights(weights, q)
         q = None
     if q is not None:
         nn.quantize(
