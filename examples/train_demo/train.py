@@ -248,27 +248,9 @@ def train_teacher(s: Settings, data: Path, work: Path, device) -> None:
                 },
             )
             losses = []
-        if step % s.ckpt_every == 0 or step >= s.steps:
-            save_atomic(
-                {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "step": step,
-                    "train_sampler": {"epoch": 0, "seed": s.seed},
-                    "test_sampler": {"epoch": 0, "seed": s.seed},
-                },
-                ckpt_path,
-            )
-    save_atomic(
-        {
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "step": step,
-            "train_sampler": {"epoch": 0, "seed": s.seed},
-            "test_sampler": {"epoch": 0, "seed": s.seed},
-        },
-        ckpt_path,
-    )
+        if step % s.ckpt_every == 0:
+            _save_teacher(ckpt_path, model, opt, step, s)
+    _save_teacher(ckpt_path, model, opt, step, s)  # the final state, once
     log(
         work,
         {
@@ -408,6 +390,20 @@ def train_student(s: Settings, data: Path, work: Path, device) -> None:
             "heldout_ce_ema_fine_dt": heldout_loss(ema, held, s, device, True),
             "elapsed_s": round(time.time() - t0, 1),
         },
+    )
+
+
+def _save_teacher(path, model, opt, step, s):
+    """DFM pre-training format: ``{"model", "optimizer", "step", samplers}``."""
+    save_atomic(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "train_sampler": {"epoch": 0, "seed": s.seed},
+            "test_sampler": {"epoch": 0, "seed": s.seed},
+        },
+        path,
     )
 
 
