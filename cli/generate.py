@@ -183,6 +183,8 @@ def _generate(
 
     group = distributed.init() if distributed.is_launched() else None
     if (group is not None and group.size() > 1) or (num_samples or batch_size) > batch_size:
+        if coreml is not None:  # the chunked/distributed path drives MLX models only
+            raise ValueError("--coreml runs one batch: drop --num-samples and mlx.launch")
         return _generate_chunked(**locals())
     for path in (tokens_out, html):
         if path is not None and Path(path).exists() and not force:
