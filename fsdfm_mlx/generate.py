@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 
 from .solvers import (
@@ -115,6 +116,7 @@ def generate_step(
     top_k: int | None = None,
     top_p: float = 1.0,
     profile: bool = False,
+    compile: bool = True,
 ) -> Generator[StepState, None, None]:
     """Run the solver and yield the state after every step.
 
@@ -139,9 +141,11 @@ def generate_step(
         top_p: nucleus filter on each posterior (1 = off).
         profile: also evaluate the logits before the update, so that ``model_ms`` and
             ``sampler_ms`` are measured apart (one extra ``mx.eval`` per step).
+        compile: run the model's forward under ``mx.compile`` (see :func:`compiled_forward`).
 
     Returns:
-        A generator of :class:`StepState`.
+        A generator of :class:`StepState`. Without ``profile`` each step is queued on the device
+        before the previous state is yielded, so the device never waits for Python.
 
     Raises:
         ValueError: bad sizes, unknown or unsuitable solver, bad filters, prompt too long.
@@ -176,10 +180,12 @@ def generate_step(
     if key is None:
         key = mx.random.key(resolve_seed(seed))
 
-    return _run(model, batch_size, length, grid, solver, key, prompt, suffix, options, profile)
+    return _run(
+        model, batch_size, length, grid, solver, key, prompt, suffix, options, profile, compile
+    )
 
 
-def _run(model, B, L, grid, solver, key, prompt, suffix, options, profile):
+def _run(model, B, L, grid, solver, key, prompt, suffix, options, profile, compile):
     args = model.args
     mask_id = args.mask_token_id
     student = bool(args.dt_conditioned)
@@ -203,11 +209,13 @@ def _run(model, B, L, grid, solver, key, prompt, suffix, options, profile):
     last_changed = mx.zeros((B, L), dtype=mx.int32)
     mx.eval(x, editable, last_changed)
 
+    forward = compiled_forward(model) if compile else model
+    pending = None  # the previous step's state: queued on the device, not yet waited for
+    tic = time.perf_counter()
     for i in range(n):
-        tic = time.perf_counter()
         t_b = mx.broadcast_to(ts[i], (B,))
         dt_b = mx.broadcast_to(hs[i], (B,)) if student else None
-        logits = model(x, t_b, dt_b) if student else model(x, t_b)
+        logits = forward(x, t_b, dt_b) if student else forward(x, t_b)
         if profile:
             mx.eval(logits)
         mid = time.perf_counter()
@@ -226,22 +234,60 @@ def _run(model, B, L, grid, solver, key, prompt, suffix, options, profile):
         )
         changed = x_new != x
         last_changed = mx.where(changed, i + 1, last_changed)
-        mx.eval(x_new, changed, last_changed)
-        toc = time.perf_counter()
         x = x_new
-        yield StepState(
-            tokens=x,
-            step=i + 1,
-            steps=n,
-            t=float(grid[i]),
-            h=float(h_grid[i]),
-            changed=changed,
-            last_changed=last_changed,
-            editable=editable,
-            model_ms=(mid - tic) * 1e3 if profile else None,
-            sampler_ms=(toc - mid) * 1e3 if profile else None,
-            step_ms=(toc - tic) * 1e3,
-        )
+        if profile:
+            mx.eval(x, changed, last_changed)
+            toc = time.perf_counter()
+            yield _state(x, i, n, grid, h_grid, changed, last_changed, editable, tic, mid, toc)
+            tic = time.perf_counter()
+            continue
+        # Queue this step, then wait for the previous one: the device always has the next step
+        # to run while Python builds the one after it, and at most two steps are in flight.
+        mx.async_eval(x, changed, last_changed)
+        if pending is not None:
+            mx.eval(pending.tokens, pending.changed, pending.last_changed)
+            pending.step_ms = (time.perf_counter() - tic) * 1e3
+            yield pending
+            tic = time.perf_counter()
+        pending = _state(x, i, n, grid, h_grid, changed, last_changed, editable)
+    if pending is not None:
+        mx.eval(pending.tokens, pending.changed, pending.last_changed)
+        pending.step_ms = (time.perf_counter() - tic) * 1e3
+        yield pending
+
+
+def _state(x, i, n, grid, h_grid, changed, last_changed, editable, tic=0.0, mid=0.0, toc=0.0):
+    profiled = toc > 0.0
+    return StepState(
+        tokens=x,
+        step=i + 1,
+        steps=n,
+        t=float(grid[i]),
+        h=float(h_grid[i]),
+        changed=changed,
+        last_changed=last_changed,
+        editable=editable,
+        model_ms=(mid - tic) * 1e3 if profiled else None,
+        sampler_ms=(toc - mid) * 1e3 if profiled else None,
+        step_ms=(toc - tic) * 1e3,
+    )
+
+
+def compiled_forward(model):
+    """``model``'s forward pass under ``mx.compile`` (cached on the model).
+
+    Elementwise work between the matmuls (adaLN modulation, casts, gates, residual adds) is fused
+    and the graph is traced once per input shape instead of rebuilt every step. The weights are a
+    declared input (``model.state``), so weights loaded later are used, never stale copies.
+    Objects that are not MLX modules (e.g. a Core ML runner) are returned unchanged.
+    """
+    if not isinstance(model, nn.Module):
+        return model
+    fn = model.__dict__.get("_fsdfm_compiled_forward")
+    if fn is None:
+        fn = mx.compile(model.__call__, inputs=model.state)
+        model.__dict__["_fsdfm_compiled_forward"] = fn
+    return fn
 
 
 def resolve_seed(seed: int | None) -> int:

@@ -34,6 +34,8 @@ from typing import NamedTuple
 import mlx.core as mx
 import numpy as np
 
+from . import kernels
+
 CUMULATIVE = "mixture_euler_with_cumulative_scalar"
 MIXTURE_EULER = "mixture_euler"
 DFM_EULER = "dfm_euler"
@@ -298,6 +300,58 @@ def _compiled_step(cfg: _StepConfig):
     return mx.compile(functools.partial(_step, cfg))
 
 
+#: Solvers whose destination is ``p_1t`` without ``z``: the fused kernel covers them.
+_KERNEL_SOLVERS = (CUMULATIVE, DFM_EULER)
+
+
+def _kernel_applies(cfg: _StepConfig) -> bool:
+    return cfg.solver in _KERNEL_SOLVERS and not cfg.options.active and kernels.available()
+
+
+def _jump_update(
+    cfg: _StepConfig,
+    dest: mx.array,
+    lse: mx.array,
+    logit_z: mx.array,
+    x_t: mx.array,
+    editable: mx.array,
+    t: mx.array,
+    h: mx.array,
+    key: mx.array,
+) -> mx.array:
+    """The [B, L] half of a non-final step, given the kernel's per-position results."""
+    log_p_z = logit_z - lse  # log p_1t(z)
+    jump_prob = _jump_probability(cfg.solver, None, None, log_p_z, t, h, cfg.exponent, False)
+    jump = (mx.random.uniform(shape=x_t.shape, key=key) < jump_prob) & editable
+    jump = jump & (log_p_z < 0)  # p_1t(z) == 1: nowhere else to go
+    return mx.where(jump, dest.astype(x_t.dtype), x_t)
+
+
+def _final_update(cfg: _StepConfig, x_1: mx.array, x_t: mx.array, editable: mx.array) -> mx.array:
+    write = editable
+    if cfg.solver in STUDENT_SOLVERS and cfg.mask_id is not None:
+        write = write & (x_t == cfg.mask_id)  # only positions still holding the mask
+    return mx.where(write, x_1.astype(x_t.dtype), x_t)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_update(cfg: _StepConfig):
+    fn = _final_update if cfg.final else _jump_update
+    return mx.compile(functools.partial(fn, cfg))
+
+
+def _kernel_step(cfg: _StepConfig, logits, x_t, editable, t, h, key) -> mx.array:
+    """The step with the V-wide work in one fused kernel pass (see :mod:`fsdfm_mlx.kernels`)."""
+    k_dest, k_jump = mx.random.split(key)
+    if cfg.final:
+        # x_1 ~ p_1t; an FS-DFM solver with a mask source never draws the mask column
+        ban = cfg.mask_id if (cfg.solver in STUDENT_SOLVERS and cfg.mask_id is not None) else -1
+        x_1, _, _ = kernels.row_sample(logits, x_t, k_dest, exclude_z=False, ban=ban)
+        return _compiled_update(cfg)(x_1, x_t, editable)
+    dest, lse, logit_z = kernels.row_sample(logits, x_t, k_dest, exclude_z=True)
+    return _compiled_update(cfg)(dest, lse, logit_z, x_t, editable, t, h, k_jump)
+
+
 def sample_step(
     logits: mx.array,
     x_t: mx.array,
@@ -312,6 +366,7 @@ def sample_step(
     options: SamplerOptions | None = None,
     exponent: float = 1.0,
     compile: bool = True,
+    fused: bool = True,
 ) -> mx.array:
     """One solver update ``x_t -> x_{t+h}`` from the model's logits (fused and compiled).
 
@@ -329,6 +384,9 @@ def sample_step(
         options: temperature / top-k / top-p (see the module docstring).
         exponent: the polynomial scheduler's exponent (``k_t = t ** exponent``).
         compile: use the ``mx.compile``d step (False runs the same graph eagerly).
+        fused: on a GPU, do the V-wide work in one fused kernel pass when the solver allows it
+            (``mixture_euler_with_cumulative_scalar`` and ``dfm_euler`` without temperature /
+            top-k / top-p). Same distribution, different random stream from the portable path.
 
     Returns:
         [B, L] tokens ``x_{t+h}`` (same dtype as ``x_t``), lazy.
@@ -340,6 +398,8 @@ def sample_step(
         editable = mx.ones(x_t.shape, dtype=mx.bool_)
     t = mx.array(t, dtype=mx.float32)
     h = mx.array(h, dtype=mx.float32)
+    if fused and _kernel_applies(cfg):
+        return _kernel_step(cfg, logits, x_t, editable, t, h, key)
     fn = _compiled_step(cfg) if compile else functools.partial(_step, cfg)
     return fn(logits, x_t, editable, t, h, key)
 

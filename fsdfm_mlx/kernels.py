@@ -1,0 +1,301 @@
+"""A fused GPU kernel for the sampler's V-wide work: one pass over each row of logits.
+
+Every FS-DFM / DFM update needs, per position, ``logsumexp`` of the logits, the current token's
+logit and one categorical draw (Gumbel-max) with the current token excluded. Done with MLX ops that
+is several passes over [B, L, V] plus V-wide random numbers; here one threadgroup reads a row once
+and produces all three (``lse``, ``logit_z``, ``dest``), so the step is bound by reading the logits.
+
+The Gumbel noise comes from a counter-based hash of ``(key, row, column)`` (splitmix64), so a draw
+depends only on the key and the position, never on the launch shape. A column whose logit is more
+than the largest possible noise (``GUMBEL_MAX``) below the best score so far cannot win and is
+skipped without drawing, which leaves the result exact.
+
+Backends: CUDA (``mx.fast.cuda_kernel``) and Metal (``mx.fast.metal_kernel``) run the same
+algorithm. Elsewhere (CPU), or when ``FSDFM_MLX_SAMPLER=portable``, or if the kernel fails its
+first-use self-check, the solvers use their portable MLX-ops path.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import warnings
+
+import mlx.core as mx
+
+#: Threads per row (one threadgroup per position).
+THREADS = 256
+#: Uniforms have 23 random bits: u in [2^-24, 1 - 2^-24], so the noise is at most this.
+GUMBEL_MAX = -math.log(-math.log1p(-(2.0**-24)))
+
+_HASH = """
+// splitmix64 finaliser: a good 64-bit mix (used to derive per-element uniforms from a counter)
+HASH_INLINE u64 fsdfm_mix64(u64 x) {
+    x ^= x >> 30; x *= 0xBF58476D1CE4E5B9ull;
+    x ^= x >> 27; x *= 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+// Standard Gumbel noise for element (row, col) under a 64-bit seed; 23-bit uniforms in (0, 1).
+HASH_INLINE float fsdfm_gumbel(u64 seed, u64 counter) {
+    u64 r = fsdfm_mix64(seed + counter * 0x9E3779B97F4A7C15ull);
+    float u = (float)(r >> 41) * 1.1920928955078125e-07f + 5.9604644775390625e-08f;
+    return -FLOG(-FLOG(u));
+}
+"""
+
+# Shared body. Template parameters: T (logits dtype), V (row width), EXCLUDE_Z (bool: the current
+# token may not be drawn), BAN (a column that is never drawn, -1 = none; the mask column at a
+# mask-source final step). Inputs: logits [R, V], z [R] int32, seed [2] uint32.
+# Outputs: dest [R] int32, lse [R] float32, logit_z [R] float32.
+_BODY = """
+    const unsigned row = ROW_ID;
+    const unsigned tid = THREAD_ID;
+    const u64 base = (u64)row * (u64)V;
+    const int zr = z[row];
+    const u64 s = fsdfm_mix64(((u64)seed[0] << 32) | (u64)seed[1]);
+    // NEG (a huge finite negative) stands for -inf: no infinities, so fast math stays exact
+    float m = NEG;     // running max of the logits
+    float acc = 0.0f;  // running sum of exp(logit - m)
+    float best = NEG;
+    int best_i = -1;
+    for (unsigned j = tid; j < (unsigned)V; j += NTHREADS) {
+        const float l = (float)logits[base + j];
+        if (l <= NEG) continue;  // a removed column (-inf)
+        if (l > m) { acc = acc * FEXP(m - l) + 1.0f; m = l; } else { acc += FEXP(l - m); }
+        if ((EXCLUDE_Z && (int)j == zr) || (int)j == BAN) continue;
+        if (l + GMAX <= best) continue;  // even the largest noise cannot make it win
+        const float v = l + fsdfm_gumbel(s, base + j);
+        if (v > best || (v == best && (int)j < best_i)) { best = v; best_i = (int)j; }
+    }
+    REDUCE
+    if (tid == 0) {
+        dest[row] = best_i;
+        lse[row] = m + FLOG(acc);
+        logit_z[row] = (float)logits[base + (u64)zr];
+    }
+"""
+
+_CUDA_REDUCE = """
+    // warp, then block reduction of (m, acc) and (best, best_i)
+    for (int off = 16; off > 0; off >>= 1) {
+        float m2 = __shfl_down_sync(0xffffffffu, m, off);
+        float a2 = __shfl_down_sync(0xffffffffu, acc, off);
+        float b2 = __shfl_down_sync(0xffffffffu, best, off);
+        int i2 = __shfl_down_sync(0xffffffffu, best_i, off);
+        float mm = fmax(m, m2);
+        if (mm > NEG) { acc = acc * FEXP(m - mm) + a2 * FEXP(m2 - mm); m = mm; }
+        if (b2 > best || (b2 == best && i2 >= 0 && (best_i < 0 || i2 < best_i))) {
+            best = b2; best_i = i2;
+        }
+    }
+    __shared__ float sm_m[32], sm_a[32], sm_b[32];
+    __shared__ int sm_i[32];
+    const unsigned lane = tid & 31u, warp = tid >> 5;
+    if (lane == 0) { sm_m[warp] = m; sm_a[warp] = acc; sm_b[warp] = best; sm_i[warp] = best_i; }
+    __syncthreads();
+    if (warp == 0) {
+        const unsigned nw = NTHREADS / 32;
+        m = lane < nw ? sm_m[lane] : NEG;
+        acc = lane < nw ? sm_a[lane] : 0.0f;
+        best = lane < nw ? sm_b[lane] : NEG;
+        best_i = lane < nw ? sm_i[lane] : -1;
+        for (int off = 16; off > 0; off >>= 1) {
+            float m2 = __shfl_down_sync(0xffffffffu, m, off);
+            float a2 = __shfl_down_sync(0xffffffffu, acc, off);
+            float b2 = __shfl_down_sync(0xffffffffu, best, off);
+            int i2 = __shfl_down_sync(0xffffffffu, best_i, off);
+            float mm = fmax(m, m2);
+            if (mm > NEG) { acc = acc * FEXP(m - mm) + a2 * FEXP(m2 - mm); m = mm; }
+            if (b2 > best || (b2 == best && i2 >= 0 && (best_i < 0 || i2 < best_i))) {
+                best = b2; best_i = i2;
+            }
+        }
+    }
+"""
+
+_METAL_REDUCE = """
+    // simdgroup, then threadgroup reduction of (m, acc) and (best, best_i)
+    for (ushort off = 16; off > 0; off >>= 1) {
+        float m2 = simd_shuffle_down(m, off);
+        float a2 = simd_shuffle_down(acc, off);
+        float b2 = simd_shuffle_down(best, off);
+        int i2 = simd_shuffle_down(best_i, off);
+        float mm = fmax(m, m2);
+        if (mm > NEG) { acc = acc * FEXP(m - mm) + a2 * FEXP(m2 - mm); m = mm; }
+        if (b2 > best || (b2 == best && i2 >= 0 && (best_i < 0 || i2 < best_i))) {
+            best = b2; best_i = i2;
+        }
+    }
+    threadgroup float sm_m[32], sm_a[32], sm_b[32];
+    threadgroup int sm_i[32];
+    const unsigned lane = tid & 31u, warp = tid >> 5;
+    if (lane == 0) { sm_m[warp] = m; sm_a[warp] = acc; sm_b[warp] = best; sm_i[warp] = best_i; }
+    threadgroup_barrier(mem_flags::mem_threadgroup);
+    if (warp == 0) {
+        const unsigned nw = NTHREADS / 32;
+        m = lane < nw ? sm_m[lane] : NEG;
+        acc = lane < nw ? sm_a[lane] : 0.0f;
+        best = lane < nw ? sm_b[lane] : NEG;
+        best_i = lane < nw ? sm_i[lane] : -1;
+        for (ushort off = 16; off > 0; off >>= 1) {
+            float m2 = simd_shuffle_down(m, off);
+            float a2 = simd_shuffle_down(acc, off);
+            float b2 = simd_shuffle_down(best, off);
+            int i2 = simd_shuffle_down(best_i, off);
+            float mm = fmax(m, m2);
+            if (mm > NEG) { acc = acc * FEXP(m - mm) + a2 * FEXP(m2 - mm); m = mm; }
+            if (b2 > best || (b2 == best && i2 >= 0 && (best_i < 0 || i2 < best_i))) {
+                best = b2; best_i = i2;
+            }
+        }
+    }
+"""
+
+
+def _source(backend: str) -> tuple[str, str]:
+    consts = (
+        f"#define NTHREADS {THREADS}u\n#define GMAX {GUMBEL_MAX + 1e-3:.6f}f\n"
+        "#define NEG (-3.0e38f)\n"
+    )
+    if backend == "cuda":
+        header = (
+            consts
+            + "#define FEXP expf\n#define FLOG logf\ntypedef unsigned long long u64;\n"
+            + _HASH.replace("HASH_INLINE", "__device__ inline")
+        )
+        body = (
+            _BODY.replace("ROW_ID", "blockIdx.x")
+            .replace("THREAD_ID", "threadIdx.x")
+            .replace("REDUCE", _CUDA_REDUCE)
+        )
+        return header, body
+    header = (
+        consts
+        + "#define FEXP exp\n#define FLOG log\ntypedef ulong u64;\n"
+        + _HASH.replace("HASH_INLINE", "inline").replace("ull", "ul")
+    )
+    body = (
+        _BODY.replace("ROW_ID", "threadgroup_position_in_grid.x")
+        .replace("THREAD_ID", "thread_position_in_threadgroup.x")
+        .replace("REDUCE", _METAL_REDUCE)
+        .replace("ull", "ul")
+    )
+    return header, body
+
+
+def backend() -> str | None:
+    """The GPU backend the fused kernel can run on here (``"cuda"`` / ``"metal"``), else None."""
+    if os.environ.get("FSDFM_MLX_SAMPLER", "").lower() == "portable":
+        return None
+    if mx.default_device() != mx.gpu:
+        return None
+    if mx.cuda.is_available():
+        return "cuda"
+    if mx.metal.is_available():
+        return "metal"
+    return None
+
+
+@functools.lru_cache(maxsize=2)
+def _kernel(which: str):
+    header, body = _source(which)
+    names = dict(
+        name="fsdfm_row_sample",
+        input_names=["logits", "z", "seed"],
+        output_names=["dest", "lse", "logit_z"],
+        source=body,
+        header=header,
+    )
+    if which == "cuda":
+        return mx.fast.cuda_kernel(**names)
+    return mx.fast.metal_kernel(**names)
+
+
+def row_sample(
+    logits: mx.array, z: mx.array, key: mx.array, *, exclude_z: bool, ban: int = -1
+) -> tuple[mx.array, mx.array, mx.array]:
+    """One fused pass per row: ``(dest, lse, logit_z)``.
+
+    Args:
+        logits: [..., V] logits (float32, float16 or bfloat16).
+        z: [...] int current tokens.
+        key: a PRNG key (``mx.random.key``), uint32 [2].
+        exclude_z: draw ``dest`` from the logits with column ``z`` removed (a jump's destination);
+            False draws from all columns (``x_1 ~ p_1t``).
+        ban: a column never drawn (-1 = none).
+
+    Returns:
+        ``dest`` [...] int32 (a Gumbel-max draw), ``lse`` [...] float32 (logsumexp over V) and
+        ``logit_z`` [...] float32 (the logit of ``z``).
+    """
+    which = backend()
+    if which is None:
+        raise RuntimeError("the fused sampler kernel needs a CUDA or Metal GPU")
+    *lead, V = logits.shape
+    R = math.prod(lead)
+    out = _kernel(which)(
+        inputs=[logits.reshape(R, V), z.reshape(R).astype(mx.int32), key.astype(mx.uint32)],
+        template=[
+            ("T", logits.dtype),
+            ("V", V),
+            ("EXCLUDE_Z", bool(exclude_z)),
+            ("BAN", int(ban)),
+        ],
+        grid=(R * THREADS, 1, 1),
+        threadgroup=(THREADS, 1, 1),
+        output_shapes=[(R,), (R,), (R,)],
+        output_dtypes=[mx.int32, mx.float32, mx.float32],
+    )
+    return tuple(o.reshape(lead) for o in out)
+
+
+_CHECKED: dict[str, bool] = {}
+
+
+def available() -> bool:
+    """True when the fused kernel runs here and passed its first-use self-check.
+
+    The self-check compares ``lse`` and ``logit_z`` with MLX ops on random logits, checks that
+    ``dest`` is a valid column other than ``z``, and that a row with one dominant logit draws it.
+    A kernel that fails (or does not compile) is reported once and the portable path is used.
+    """
+    which = backend()
+    if which is None:
+        return False
+    if which not in _CHECKED:
+        _CHECKED[which] = _self_check()
+    return _CHECKED[which]
+
+
+def _self_check() -> bool:
+    try:
+        k = mx.random.key(1234)
+        R, V = 64, 1000
+        logits = mx.random.normal((R, V), key=k) * 3.0
+        z = mx.random.randint(0, V, (R,), key=mx.random.key(1))
+        winner = (z + 1) % V
+        # rows 0..7: one logit far above the rest, so the draw is (almost surely) that column
+        boost = (mx.arange(V)[None] == winner[:, None]) & (mx.arange(R)[:, None] < 8)
+        logits = mx.where(boost, 60.0, logits)
+        dest, lse, logit_z = row_sample(logits, z, mx.random.key(7), exclude_z=True)
+        ref_lse = mx.logsumexp(logits, axis=-1)
+        ref_z = mx.take_along_axis(logits, z[:, None], axis=-1)[:, 0]
+        mx.eval(dest, lse, logit_z, ref_lse, ref_z)
+        ok = (
+            bool(mx.allclose(lse, ref_lse, rtol=1e-5, atol=1e-4).item())
+            and bool(mx.array_equal(logit_z, ref_z).item())
+            and bool(((dest >= 0) & (dest < V) & (dest != z)).all().item())
+            and bool(mx.array_equal(dest[:8], winner[:8]).item())
+        )
+        if not ok:
+            raise RuntimeError("results differ from the reference")
+        return True
+    except Exception as e:  # noqa: BLE001 - any failure means: use the portable path
+        warnings.warn(
+            f"fsdfm-mlx: the fused sampler kernel is unusable here ({e}); "
+            "using the portable MLX-ops sampler",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
