@@ -1,4 +1,7 @@
-"""Time the fused, compiled solver step apart from the model: prints JSON.
+"""Time the solver step apart from the model: prints JSON.
+
+On a GPU the default path is the fused kernel (fsdfm_mlx.kernels); the portable MLX-ops path is
+timed too (``*_portable``) for comparison.
 
 Random logits stand in for the model (the step's cost does not depend on their values). Default
 shape: B=1, L=1,024, V=50,257 (GPT-2), as the published models sample.
@@ -15,12 +18,13 @@ import time
 
 import mlx.core as mx
 
-from fsdfm_mlx.solvers import SOLVERS, SamplerOptions, sample_step
+from fsdfm_mlx import kernels
+from fsdfm_mlx.solvers import CUMULATIVE, DFM_EULER, SOLVERS, SamplerOptions, sample_step
 
 
-def bench(solver: str, logits: mx.array, x_t: mx.array, final: bool, options, repeats: int):
+def bench(solver, logits, x_t, final: bool, options, repeats: int, fused: bool = True):
     key = mx.random.key(0)
-    kw = dict(solver=solver, final=final, options=options)
+    kw = dict(solver=solver, final=final, options=options, fused=fused)
     mx.eval(sample_step(logits, x_t, 0.25, 0.125, key, **kw))  # compile + warm up
     times = []
     for i in range(repeats):
@@ -54,6 +58,14 @@ def main() -> None:
     for solver in SOLVERS:
         results[solver] = bench(solver, logits, x_t, False, None, a.repeats)
     results["final_step"] = bench(SOLVERS[0], logits, x_t, True, None, a.repeats)
+    if kernels.available():  # the same steps on the portable MLX-ops path, for comparison
+        for solver in (CUMULATIVE, DFM_EULER):
+            results[solver + "_portable"] = bench(
+                solver, logits, x_t, False, None, a.repeats, False
+            )
+        results["final_step_portable"] = bench(
+            CUMULATIVE, logits, x_t, True, None, a.repeats, False
+        )
     if a.filters:
         opts = SamplerOptions(top_k=50, top_p=0.9)
         results["cumulative_top_k50_top_p0.9"] = bench(SOLVERS[0], logits, x_t, False, opts, 3)
@@ -68,6 +80,7 @@ def main() -> None:
                 "length": a.length,
                 "vocab": a.vocab,
                 "repeats": a.repeats,
+                "fused_kernel": kernels.backend() if kernels.available() else None,
                 "sampler_ms_per_step": results,
                 "logits_bytes": a.batch_size * a.length * a.vocab * 4,
             },

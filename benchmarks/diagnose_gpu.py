@@ -1,0 +1,204 @@
+"""GPU diagnostics for the performance work: prints JSON (run on the lent GPU, MLX CUDA backend).
+
+    python benchmarks/diagnose_gpu.py [--preset 1.3b] [--length 1024]
+
+Parts (each guarded; an error is recorded, the next part runs):
+  memory   active memory after building the model, then the peak of one forward pass, of one
+           sampler step (fused kernel / portable) and of a whole 8-step generation, for bf16 and
+           4-bit weights (1.3B, B=1)
+  forward  one forward pass eager vs ``mx.compile``d, and the matmuls alone (same shapes)
+  quant    the shipped 4-bit model: GPU logits (quantized matmuls) against CPU logits
+           (dequantized float32), and a short GPU sample's text
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import time
+import traceback
+from collections import deque
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+
+from fsdfm_mlx import kernels
+from fsdfm_mlx.generate import compiled_forward, generate_step
+from fsdfm_mlx.profile import random_model
+from fsdfm_mlx.solvers import CUMULATIVE, sample_step
+
+GB = 1e9
+
+
+def _peak(fn) -> float:
+    mx.synchronize()
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    out = fn()
+    mx.eval(out)
+    mx.synchronize()
+    return mx.get_peak_memory() / GB
+
+
+def _ms(fn, repeats=10) -> float:
+    mx.eval(fn())
+    mx.synchronize()
+    ts = []
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        mx.eval(fn())
+        ts.append((time.perf_counter() - tic) * 1e3)
+    ts.sort()
+    return ts[len(ts) // 2]
+
+
+def _memory_one(model, L) -> dict:
+    r = {"active_after_build_gb": mx.get_active_memory() / GB}
+    x = mx.zeros((1, L), mx.int32)
+    t = mx.array([0.5])
+    fwd = compiled_forward(model)
+    r["forward_eager_peak_gb"] = _peak(lambda: model(x, t, t))
+    r["forward_compiled_peak_gb"] = _peak(lambda: fwd(x, t, t))
+    logits = fwd(x, t, t)
+    mx.eval(logits)
+    for fused in (True, False):
+        key = mx.random.key(0)
+        r[f"step_peak_gb_fused_{fused}"] = _peak(
+            functools.partial(
+                sample_step, logits, x, 0.5, 0.125, key, solver=CUMULATIVE, fused=fused
+            )
+        )
+
+    def run():
+        gen = generate_step(model, batch_size=1, length=L, steps=8, seed=0)
+        return deque(gen, maxlen=1)[0].tokens
+
+    run()
+    r["generate8_peak_gb"] = _peak(run)
+    r["generate8_ms"] = _ms(run, 3)
+    return r
+
+
+def memory(preset, L):
+    out = {}
+    for name, q in (("bf16", None), ("q4", 4)):
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        model = random_model(preset, length=L, dtype="bfloat16", quantize=q)
+        out[name] = {"build_peak_gb": mx.get_peak_memory() / GB, **_memory_one(model, L)}
+    return out
+
+
+def forward(preset, L):
+    model = random_model(preset, length=L, dtype="bfloat16")
+    a = model.args
+    x = mx.zeros((1, L), mx.int32)
+    t = mx.array([0.5])
+    fwd = compiled_forward(model)
+    r = {
+        "eager_ms": _ms(lambda: model(x, t, t)),
+        "compiled_ms": _ms(lambda: fwd(x, t, t)),
+    }
+    D, F, V = a.hidden_size, a.mlp_ratio * a.hidden_size, a.num_tokens
+    h = mx.random.normal((L, D)).astype(mx.bfloat16)
+    ws = [mx.random.normal((n, D)).astype(mx.bfloat16) * 0.02 for n in (3 * D, D, F)]
+    w2 = mx.random.normal((D, F)).astype(mx.bfloat16) * 0.02
+    wo = mx.random.normal((V, D)).astype(mx.bfloat16) * 0.02
+    mx.eval(h, ws, w2, wo)
+
+    def mm():
+        y = h
+        for _ in range(a.n_blocks):
+            qkv = y @ ws[0].T
+            y = y + (qkv[:, :D] @ ws[1].T)
+            y = y + (nn.gelu(y @ ws[2].T) @ w2.T)
+        return y @ wo.T
+
+    r["matmuls_only_ms"] = _ms(mm)
+    q = mx.random.normal((1, a.n_heads, L, a.head_dim)).astype(mx.bfloat16)
+    mx.eval(q)
+    r["sdpa_x_blocks_ms"] = _ms(
+        lambda: [
+            mx.fast.scaled_dot_product_attention(q, q, q, scale=0.1) for _ in range(a.n_blocks)
+        ]
+    )
+    return r
+
+
+def quant(path=None, teacher=None):
+    from fsdfm_mlx.load import default_model_path, load
+
+    path = path or default_model_path()
+    gpu_model, tokenizer = load(path, dequantize=False)
+    with mx.stream(mx.cpu):
+        mx.set_default_device(mx.cpu)
+        cpu_model, _ = load(path)
+        x = mx.random.randint(0, 50257, (2, 128), key=mx.random.key(0)).astype(mx.int32)
+        t = mx.array([0.3, 0.9])
+        ref = cpu_model(x, t, t).astype(mx.float32)
+        mx.eval(ref)
+    mx.set_default_device(mx.gpu)
+    got = gpu_model(x, t, t).astype(mx.float32)
+    lp = ref - mx.logsumexp(ref, -1, keepdims=True)
+    lq = got - mx.logsumexp(got, -1, keepdims=True)
+    kl = (mx.exp(lp) * (lp - lq)).sum(-1).mean()
+    r = {
+        "gpu_dtype": str(gpu_model.dtype),
+        "max_abs_logit_diff": float(mx.abs(ref - got).max()),
+        "mean_kl_cpu_to_gpu": float(kl),
+    }
+    from fsdfm_mlx.generate import generate
+
+    r["gpu_text_8_steps"] = generate(gpu_model, tokenizer, seed=1)
+    r["gpu_text_dequantized_8_steps"] = generate(load(path, dequantize=True)[0], tokenizer, seed=1)
+    if teacher:
+        # the teacher at 1,024 steps: quantized matmuls vs dequantized weights, same seed
+        for deq in (False, True):
+            m, tok = load(teacher, dequantize=deq)
+            *_, last = generate_step(m, batch_size=4, steps=1024, seed=3)
+            ids = np.array(last.tokens)
+            r[f"teacher_1024_dequantized_{deq}"] = {
+                "newline_fraction": float((ids == 198).mean()),
+                "distinct_tokens": int(len(np.unique(ids))),
+                "text": tok.decode(ids[0].tolist())[:300],
+            }
+    return r
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="1.3b")
+    p.add_argument("--length", type=int, default=1024)
+    p.add_argument("--parts", default="memory,forward,quant")
+    p.add_argument(
+        "--model", default=None, help="4-bit model for the quant part (default: shipped)"
+    )
+    p.add_argument("--teacher", default=None, help="a 4-bit DFM teacher for the quant part")
+    a = p.parse_args()
+    res = {
+        "device": str(mx.default_device()),
+        "mlx": mx.__version__,
+        "fused_kernel": kernels.backend() if kernels.available() else None,
+    }
+    for part in a.parts.split(","):
+        tic = time.perf_counter()
+        try:
+            res[part] = {
+                "memory": lambda: memory(a.preset, a.length),
+                "forward": lambda: forward(a.preset, a.length),
+                "quant": lambda: quant(a.model, a.teacher),
+            }[part]()
+        except Exception as e:  # noqa: BLE001 - diagnostics: record and go on
+            res[part] = {
+                "error": f"{type(e).__name__}: {e}",
+                "trace": traceback.format_exc()[-1500:],
+            }
+        res[part + "_s"] = round(time.perf_counter() - tic, 1)
+        print(json.dumps({part: res[part]}), flush=True)
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
