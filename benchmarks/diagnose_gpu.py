@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import gc
 import json
 import time
 import traceback
@@ -71,19 +72,28 @@ def _memory_one(model, L) -> dict:
             )
         )
 
-    def run():
-        gen = generate_step(model, batch_size=1, length=L, steps=8, seed=0)
-        return deque(gen, maxlen=1)[0].tokens
-
-    run()
-    r["generate8_peak_gb"] = _peak(run)
-    r["generate8_ms"] = _ms(run, 3)
+    for c, la in ((False, False), (True, False), (True, True)):
+        run = functools.partial(_generate8, model, L, c, la)
+        run()
+        r[f"generate8_compile_{c}_lookahead_{la}_peak_gb"] = _peak(run)
+        r[f"generate8_compile_{c}_lookahead_{la}_ms"] = _ms(run, 3)
+    for n in (256, 512):
+        xs = mx.zeros((1, n), mx.int32)
+        r[f"forward_eager_peak_gb_L{n}"] = _peak(functools.partial(model, xs, t, t))
     return r
+
+
+def _generate8(model, L, compile, lookahead):
+    gen = generate_step(
+        model, batch_size=1, length=L, steps=8, seed=0, compile=compile, lookahead=lookahead
+    )
+    return deque(gen, maxlen=1)[0].tokens
 
 
 def memory(preset, L):
     out = {}
     for name, q in (("bf16", None), ("q4", 4)):
+        gc.collect()
         mx.clear_cache()
         mx.reset_peak_memory()
         model = random_model(preset, length=L, dtype="bfloat16", quantize=q)

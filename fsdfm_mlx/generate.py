@@ -12,6 +12,7 @@ import os
 import secrets
 import tempfile
 import time
+import weakref
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -21,6 +22,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from .solvers import (
     SOLVERS,
@@ -117,6 +119,7 @@ def generate_step(
     top_p: float = 1.0,
     profile: bool = False,
     compile: bool = True,
+    lookahead: bool = True,
 ) -> Generator[StepState, None, None]:
     """Run the solver and yield the state after every step.
 
@@ -142,6 +145,9 @@ def generate_step(
         profile: also evaluate the logits before the update, so that ``model_ms`` and
             ``sampler_ms`` are measured apart (one extra ``mx.eval`` per step).
         compile: run the model's forward under ``mx.compile`` (see :func:`compiled_forward`).
+        lookahead: queue each step on the device before waiting for the previous one, so the
+            device never waits for Python (False: wait for every step before building the next;
+            less memory in flight).
 
     Returns:
         A generator of :class:`StepState`. Without ``profile`` each step is queued on the device
@@ -181,11 +187,22 @@ def generate_step(
         key = mx.random.key(resolve_seed(seed))
 
     return _run(
-        model, batch_size, length, grid, solver, key, prompt, suffix, options, profile, compile
+        model,
+        batch_size,
+        length,
+        grid,
+        solver,
+        key,
+        prompt,
+        suffix,
+        options,
+        profile,
+        compile,
+        lookahead,
     )
 
 
-def _run(model, B, L, grid, solver, key, prompt, suffix, options, profile, compile):
+def _run(model, B, L, grid, solver, key, prompt, suffix, options, profile, compile, lookahead):
     args = model.args
     mask_id = args.mask_token_id
     student = bool(args.dt_conditioned)
@@ -232,13 +249,16 @@ def _run(model, B, L, grid, solver, key, prompt, suffix, options, profile, compi
             options=options,
             exponent=exponent,
         )
+        del logits  # the step's graph holds it; nothing else should
         changed = x_new != x
         last_changed = mx.where(changed, i + 1, last_changed)
         x = x_new
-        if profile:
+        if profile or not lookahead:
             mx.eval(x, changed, last_changed)
-            toc = time.perf_counter()
-            yield _state(x, i, n, grid, h_grid, changed, last_changed, editable, tic, mid, toc)
+            toc = time.perf_counter() if profile else 0.0
+            state = _state(x, i, n, grid, h_grid, changed, last_changed, editable, tic, mid, toc)
+            state.step_ms = (time.perf_counter() - tic) * 1e3
+            yield state
             tic = time.perf_counter()
             continue
         # Queue this step, then wait for the previous one: the device always has the next step
@@ -277,16 +297,25 @@ def compiled_forward(model):
     """``model``'s forward pass under ``mx.compile`` (cached on the model).
 
     Elementwise work between the matmuls (adaLN modulation, casts, gates, residual adds) is fused
-    and the graph is traced once per input shape instead of rebuilt every step. The weights are a
-    declared input (``model.state``), so weights loaded later are used, never stale copies.
-    Objects that are not MLX modules (e.g. a Core ML runner) are returned unchanged.
+    and the graph is traced once per input shape instead of rebuilt every step. The compiled graph
+    holds the weights it was traced with, so it is rebuilt when the model's parameter arrays are
+    replaced (e.g. by ``load_weights``); it refers to the model only weakly, so a model that is
+    dropped frees its memory at once. Objects that are not MLX modules (e.g. a Core ML runner)
+    are returned unchanged.
     """
     if not isinstance(model, nn.Module):
         return model
-    fn = model.__dict__.get("_fsdfm_compiled_forward")
-    if fn is None:
-        fn = mx.compile(model.__call__, inputs=model.state)
-        model.__dict__["_fsdfm_compiled_forward"] = fn
+    weights = tuple(id(v) for _, v in tree_flatten(model.parameters()))
+    cached = model.__dict__.get("_fsdfm_compiled_forward")
+    if cached is not None and cached[0] == weights:
+        return cached[1]
+    ref = weakref.ref(model)
+
+    def forward(*args):
+        return ref()(*args)
+
+    fn = mx.compile(forward)
+    model.__dict__["_fsdfm_compiled_forward"] = (weights, fn)
     return fn
 
 

@@ -45,8 +45,9 @@ HASH_INLINE float fsdfm_gumbel(u64 seed, u64 counter) {
 """
 
 # Shared body. Template parameters: T (logits dtype), V (row width), EXCLUDE_Z (bool: the current
-# token may not be drawn), BAN (a column that is never drawn, -1 = none; the mask column at a
-# mask-source final step). Inputs: logits [R, V], z [R] int32, seed [2] uint32.
+# token may not be drawn), BAN (a column that is never drawn; V = none; the mask column at a
+# mask-source final step). Template values must be non-negative: they become part of the kernel's
+# name. Inputs: logits [R, V], z [R] int32, seed [2] uint32.
 # Outputs: dest [R] int32, lse [R] float32, logit_z [R] float32.
 _BODY = """
     const unsigned row = ROW_ID;
@@ -213,7 +214,7 @@ def _kernel(which: str):
 
 
 def row_sample(
-    logits: mx.array, z: mx.array, key: mx.array, *, exclude_z: bool, ban: int = -1
+    logits: mx.array, z: mx.array, key: mx.array, *, exclude_z: bool, ban: int | None = None
 ) -> tuple[mx.array, mx.array, mx.array]:
     """One fused pass per row: ``(dest, lse, logit_z)``.
 
@@ -223,7 +224,7 @@ def row_sample(
         key: a PRNG key (``mx.random.key``), uint32 [2].
         exclude_z: draw ``dest`` from the logits with column ``z`` removed (a jump's destination);
             False draws from all columns (``x_1 ~ p_1t``).
-        ban: a column never drawn (-1 = none).
+        ban: a column never drawn (None = none).
 
     Returns:
         ``dest`` [...] int32 (a Gumbel-max draw), ``lse`` [...] float32 (logsumexp over V) and
@@ -240,7 +241,7 @@ def row_sample(
             ("T", logits.dtype),
             ("V", V),
             ("EXCLUDE_Z", bool(exclude_z)),
-            ("BAN", int(ban)),
+            ("BAN", V if ban is None else int(ban)),
         ],
         grid=(R * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),

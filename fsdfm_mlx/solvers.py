@@ -345,7 +345,7 @@ def _kernel_step(cfg: _StepConfig, logits, x_t, editable, t, h, key) -> mx.array
     k_dest, k_jump = mx.random.split(key)
     if cfg.final:
         # x_1 ~ p_1t; an FS-DFM solver with a mask source never draws the mask column
-        ban = cfg.mask_id if (cfg.solver in STUDENT_SOLVERS and cfg.mask_id is not None) else -1
+        ban = cfg.mask_id if cfg.solver in STUDENT_SOLVERS else None
         x_1, _, _ = kernels.row_sample(logits, x_t, k_dest, exclude_z=False, ban=ban)
         return _compiled_update(cfg)(x_1, x_t, editable)
     dest, lse, logit_z = kernels.row_sample(logits, x_t, k_dest, exclude_z=True)

@@ -307,3 +307,34 @@ def test_cli_missing_model_folder(cli, tmp_path):
 def test_cli_student_solver_on_teacher(cli, micro_models):
     result = cli("--model", micro_models["mask-teacher"], "--solver", "mixture_euler")
     _assert_clean_error(result, "solver mixture_euler needs a step-size conditioned model")
+
+
+def test_compiled_forward_follows_new_weights_and_frees_the_model(micro_models):
+    import gc
+    import weakref
+
+    from mlx.utils import tree_map
+
+    from fsdfm_mlx.generate import compiled_forward
+
+    model, _ = fsdfm_mlx.load(micro_models["uniform-student"])
+    x = mx.zeros((2, 5), mx.int32)
+    t = mx.array([0.2, 0.7])
+    fwd = compiled_forward(model)
+    assert compiled_forward(model) is fwd  # cached
+    assert mx.allclose(fwd(x, t, t), model(x, t, t), atol=1e-5)
+    # new parameter arrays (as load_weights makes): the compiled forward is rebuilt and uses them
+    model.update(tree_map(lambda p: p * 0.5, model.parameters()))
+    fwd2 = compiled_forward(model)
+    assert fwd2 is not fwd
+    assert mx.allclose(fwd2(x, t, t), model(x, t, t), atol=1e-5)
+    # the cache never keeps a model alive (no reference cycle: freed without the garbage collector)
+    gc.disable()
+    try:
+        other, _ = fsdfm_mlx.load(micro_models["uniform-student"])
+        compiled_forward(other)(x, t, t)
+        ref = weakref.ref(other)
+        del other
+        assert ref() is None
+    finally:
+        gc.enable()
