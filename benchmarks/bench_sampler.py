@@ -44,13 +44,14 @@ def main() -> None:
     p.add_argument("--length", type=int, default=1024)
     p.add_argument("--vocab", type=int, default=50257)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--dtype", default="float32", help="logits dtype (the model's: bfloat16 on GPU)")
     p.add_argument("--filters", action="store_true", help="also time top-k=50 / top-p=0.9")
     a = p.parse_args()
     if a.device is not None:
         mx.set_default_device(mx.gpu if a.device == "gpu" else mx.cpu)
 
     shape = (a.batch_size, a.length, a.vocab)
-    logits = mx.random.normal(shape, key=mx.random.key(1)) * 4.0
+    logits = (mx.random.normal(shape, key=mx.random.key(1)) * 4.0).astype(getattr(mx, a.dtype))
     x_t = mx.random.randint(0, a.vocab, shape[:2], key=mx.random.key(2)).astype(mx.int32)
     mx.eval(logits, x_t)
 
@@ -82,7 +83,8 @@ def main() -> None:
                 "repeats": a.repeats,
                 "fused_kernel": kernels.backend() if kernels.available() else None,
                 "sampler_ms_per_step": results,
-                "logits_bytes": a.batch_size * a.length * a.vocab * 4,
+                "logits_dtype": a.dtype,
+                "logits_bytes": logits.nbytes,
             },
             indent=2,
         )

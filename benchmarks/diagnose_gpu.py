@@ -24,6 +24,7 @@ from collections import deque
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+from mlx.utils import tree_flatten
 
 from fsdfm_mlx import kernels
 from fsdfm_mlx.generate import compiled_forward, generate_step
@@ -80,14 +81,32 @@ def _memory_one(model, L) -> dict:
     for n in (256, 512):
         xs = mx.zeros((1, n), mx.int32)
         r[f"forward_eager_peak_gb_L{n}"] = _peak(functools.partial(model, xs, t, t))
+    # does memory build up over sequential evaluated forwards / generation steps?
+    for k in (1, 2, 4, 8):
+        r[f"forwards_{k}_each_evaluated_peak_gb"] = _peak(
+            functools.partial(_forwards, model, x, t, k)
+        )
+        gen = functools.partial(_generate, model, L, k, False, False)
+        r[f"generate_steps_{k}_eager_sync_peak_gb"] = _peak(gen)
     return r
 
 
-def _generate8(model, L, compile, lookahead):
+def _forwards(model, x, t, k):
+    for _ in range(k):
+        y = model(x, t, t)
+        mx.eval(y)
+    return y
+
+
+def _generate(model, L, steps, compile, lookahead):
     gen = generate_step(
-        model, batch_size=1, length=L, steps=8, seed=0, compile=compile, lookahead=lookahead
+        model, batch_size=1, length=L, steps=steps, seed=0, compile=compile, lookahead=lookahead
     )
     return deque(gen, maxlen=1)[0].tokens
+
+
+def _generate8(model, L, compile, lookahead):
+    return _generate(model, L, 8, compile, lookahead)
 
 
 def memory(preset, L):
@@ -137,6 +156,29 @@ def forward(preset, L):
     return r
 
 
+def qmm(path=None):
+    """Quantized matmul on this GPU against the same dequantized weights, per layer shape."""
+    from fsdfm_mlx.load import default_model_path, load
+
+    model, _ = load(path or default_model_path(), dequantize=False)
+    out = {}
+    for name, m in tree_flatten(model.leaf_modules(), is_leaf=lambda x: isinstance(x, nn.Module)):
+        if not isinstance(m, nn.QuantizedLinear):
+            continue
+        K = m.weight.shape[1] * 32 // m.bits
+        w = mx.dequantize(m.weight, m.scales, m.biases, m.group_size, m.bits)
+        shape = f"{w.shape[0]}x{K}"
+        for M in (2, 256):
+            x = mx.random.normal((M, K), key=mx.random.key(M)).astype(w.dtype)
+            q = mx.quantized_matmul(x, m.weight, m.scales, m.biases, True, m.group_size, m.bits)
+            ref = x.astype(mx.float32) @ w.astype(mx.float32).T
+            err = float(mx.abs(q.astype(mx.float32) - ref).max() / (mx.abs(ref).max() + 1e-6))
+            key = f"{shape}_M{M}"
+            out[key] = max(out.get(key, 0.0), err)
+            out.setdefault("layers_" + key, name)
+    return out
+
+
 def quant(path=None, teacher=None):
     from fsdfm_mlx.load import default_model_path, load
 
@@ -181,7 +223,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="1.3b")
     p.add_argument("--length", type=int, default=1024)
-    p.add_argument("--parts", default="memory,forward,quant")
+    p.add_argument("--parts", default="memory,forward,quant,qmm")
     p.add_argument(
         "--model", default=None, help="4-bit model for the quant part (default: shipped)"
     )
@@ -199,6 +241,7 @@ def main():
                 "memory": lambda: memory(a.preset, a.length),
                 "forward": lambda: forward(a.preset, a.length),
                 "quant": lambda: quant(a.model, a.teacher),
+                "qmm": lambda: qmm(a.model),
             }[part]()
         except Exception as e:  # noqa: BLE001 - diagnostics: record and go on
             res[part] = {

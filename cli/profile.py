@@ -213,6 +213,11 @@ def register(app: typer.Typer) -> None:
             "--baseline-budget",
             help="Seconds per baseline; beyond it a prefix is timed and extrapolated.",
         ),
+        lookahead: bool = typer.Option(
+            True,
+            "--lookahead/--no-lookahead",
+            help="Queue each step before waiting for the previous one (faster; more memory).",
+        ),
         json_out: bool = typer.Option(False, "--json", help="Print JSON only."),
         plot_file: str | None = typer.Option(
             None, "--plot", help="Write latency and tokens/s against steps to this PNG."
@@ -258,6 +263,7 @@ def register(app: typer.Typer) -> None:
                     batch_size=batch_size,
                     dtype=dtype,
                     quantize=q_bits if quantize else None,
+                    lookahead=lookahead,
                     q_group_size=q_group_size,
                     solver=solver,
                     warmup=warmup,

@@ -5,8 +5,9 @@ logit and one categorical draw (Gumbel-max) with the current token excluded. Don
 is several passes over [B, L, V] plus V-wide random numbers; here one threadgroup reads a row once
 and produces all three (``lse``, ``logit_z``, ``dest``), so the step is bound by reading the logits.
 
-The Gumbel noise comes from a counter-based hash of ``(key, row, column)`` (splitmix64), so a draw
-depends only on the key and the position, never on the launch shape. A column whose logit is more
+The Gumbel noise comes from a counter-based hash of ``(key, row, column)`` (lowbias32, a cheap
+well-mixed 32-bit bijection; 23-bit uniforms), so a draw depends only on the key and the position,
+never on the launch shape. A column whose logit is more
 than the largest possible noise (``GUMBEL_MAX``) below the best score so far cannot win and is
 skipped without drawing, which leaves the result exact.
 
@@ -30,17 +31,19 @@ THREADS = 256
 GUMBEL_MAX = -math.log(-math.log1p(-(2.0**-24)))
 
 _HASH = """
-// splitmix64 finaliser: a good 64-bit mix (used to derive per-element uniforms from a counter)
-HASH_INLINE u64 fsdfm_mix64(u64 x) {
-    x ^= x >> 30; x *= 0xBF58476D1CE4E5B9ull;
-    x ^= x >> 27; x *= 0x94D049BB133111EBull;
-    return x ^ (x >> 31);
+// lowbias32 (Wellons / TheIronBorn constants): a cheap, well-mixed 32-bit bijection
+HASH_INLINE unsigned fsdfm_mix32(unsigned x) {
+    x ^= x >> 16; x *= 0x21f0aaadu;
+    x ^= x >> 15; x *= 0x735a2d97u;
+    return x ^ (x >> 15);
 }
-// Standard Gumbel noise for element (row, col) under a 64-bit seed; 23-bit uniforms in (0, 1).
-HASH_INLINE float fsdfm_gumbel(u64 seed, u64 counter) {
-    u64 r = fsdfm_mix64(seed + counter * 0x9E3779B97F4A7C15ull);
-    float u = (float)(r >> 41) * 1.1920928955078125e-07f + 5.9604644775390625e-08f;
-    return -FLOG(-FLOG(u));
+// Standard Gumbel noise for column j of a row whose stream is row_seed; 23-bit uniforms in (0, 1).
+HASH_INLINE float fsdfm_gumbel(unsigned row_seed, unsigned j) {
+    unsigned r = fsdfm_mix32(row_seed + j * 0x9E3779B9u);
+    float u = (float)(r >> 9) * 1.1920928955078125e-07f + 5.9604644775390625e-08f;
+    // the inner log must be accurate near u = 1 (a fast log can return 0 there: infinite noise);
+    // the floor keeps the noise within GMAX whatever the library does
+    return -FLOG(FMAX(-PRECISE_LOG(u), 5.9604645e-08f));
 }
 """
 
@@ -54,7 +57,8 @@ _BODY = """
     const unsigned tid = THREAD_ID;
     const u64 base = (u64)row * (u64)V;
     const int zr = z[row];
-    const u64 s = fsdfm_mix64(((u64)seed[0] << 32) | (u64)seed[1]);
+    // one stream per (key, row): columns j -> distinct hash inputs row_seed + j * golden
+    const unsigned s = fsdfm_mix32(fsdfm_mix32(row ^ fsdfm_mix32(seed[0])) + seed[1]);
     // NEG (a huge finite negative) stands for -inf: no infinities, so fast math stays exact
     float m = NEG;     // running max of the logits
     float acc = 0.0f;  // running sum of exp(logit - m)
@@ -66,7 +70,7 @@ _BODY = """
         if (l > m) { acc = acc * FEXP(m - l) + 1.0f; m = l; } else { acc += FEXP(l - m); }
         if ((EXCLUDE_Z && (int)j == zr) || (int)j == BAN) continue;
         if (l + GMAX <= best) continue;  // even the largest noise cannot make it win
-        const float v = l + fsdfm_gumbel(s, base + j);
+        const float v = l + fsdfm_gumbel(s, j);
         if (v > best || (v == best && (int)j < best_i)) { best = v; best_i = (int)j; }
     }
     REDUCE
@@ -162,7 +166,8 @@ def _source(backend: str) -> tuple[str, str]:
     if backend == "cuda":
         header = (
             consts
-            + "#define FEXP expf\n#define FLOG logf\ntypedef unsigned long long u64;\n"
+            + "#define FEXP __expf\n#define FLOG __logf\n#define PRECISE_LOG logf\n"
+            + "#define FMAX fmaxf\ntypedef unsigned long long u64;\n"
             + _HASH.replace("HASH_INLINE", "__device__ inline")
         )
         body = (
@@ -173,8 +178,9 @@ def _source(backend: str) -> tuple[str, str]:
         return header, body
     header = (
         consts
-        + "#define FEXP exp\n#define FLOG log\ntypedef ulong u64;\n"
-        + _HASH.replace("HASH_INLINE", "inline").replace("ull", "ul")
+        + "#define FEXP exp\n#define FLOG log\n#define PRECISE_LOG metal::precise::log\n"
+        + "#define FMAX fmax\ntypedef ulong u64;\n"
+        + _HASH.replace("HASH_INLINE", "inline")
     )
     body = (
         _BODY.replace("ROW_ID", "threadgroup_position_in_grid.x")

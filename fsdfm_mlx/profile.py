@@ -217,10 +217,13 @@ class _Progress:
             self.fn(msg)
 
 
-def _run_sampler(model, *, batch, length, seed, solver, steps=None, time_grid=None) -> float:
+def _run_sampler(
+    model, *, batch, length, seed, solver, steps=None, time_grid=None, lookahead=True
+) -> float:
     """Seconds for one whole sampling run (no profiling syncs beyond the generator's own)."""
     gen = generate_step(
         model,
+        lookahead=lookahead,
         batch_size=batch,
         length=length,
         steps=steps,
@@ -256,15 +259,33 @@ def _profile_split(model, *, batch, length, seed, solver, steps, passes) -> dict
     }
 
 
-def _time_steps(model, steps, *, batch, length, seed, solver, warmup, repeats) -> dict:
+def _time_steps(
+    model, steps, *, batch, length, seed, solver, warmup, repeats, lookahead=True
+) -> dict:
     tic = time.perf_counter()
     for w in range(warmup):
-        _run_sampler(model, batch=batch, length=length, seed=seed + w, solver=solver, steps=steps)
+        _run_sampler(
+            model,
+            batch=batch,
+            length=length,
+            seed=seed + w,
+            solver=solver,
+            steps=steps,
+            lookahead=lookahead,
+        )
     warmup_s = time.perf_counter() - tic
     mx.synchronize()
     mx.reset_peak_memory()
     times = [
-        _run_sampler(model, batch=batch, length=length, seed=seed + r, solver=solver, steps=steps)
+        _run_sampler(
+            model,
+            batch=batch,
+            length=length,
+            seed=seed + r,
+            solver=solver,
+            steps=steps,
+            lookahead=lookahead,
+        )
         for r in range(repeats)
     ]
     peak = mx.get_peak_memory()
@@ -523,6 +544,7 @@ def profile(
     baseline_steps: int = 1024,
     baseline_budget_s: float = 120.0,
     seed: int = 0,
+    lookahead: bool = True,
     progress: bool | Callable[[str], None] = True,
 ) -> dict:
     """Time FS-DFM sampling at several step counts, with the DFM-1024 and AR baselines.
@@ -551,6 +573,8 @@ def profile(
         baseline_budget_s: seconds a baseline may run before it is timed on a prefix and
             extrapolated linearly.
         seed: base seed.
+        lookahead: queue each step before waiting for the previous one (faster; on MLX's CUDA
+            backend it also holds a second step's buffers, so the peak memory is higher).
         progress: print progress lines to stderr (True), or call this function with each line.
 
     Returns:
@@ -631,6 +655,7 @@ def profile(
             solver=solver,
             warmup=warmup,
             repeats=repeats,
+            lookahead=lookahead,
         )
         passes = max(1, min(repeats, math.ceil(16 / n)))
         row.update(
@@ -695,6 +720,7 @@ def profile(
             "warmup": warmup,
             "repeats": repeats,
             "seed": seed,
+            "lookahead": lookahead,
             "forward_flops": flops,
             "load_s": load_s,
         },
