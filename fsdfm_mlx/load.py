@@ -95,23 +95,48 @@ def read_weights(path: Path) -> dict[str, mx.array]:
     return weights
 
 
-def dequantize_weights(weights: dict[str, mx.array], quantization: dict) -> dict[str, mx.array]:
-    """Turn every quantized (weight, scales, biases) triple back into a dense weight.
+#: Input widths at or below this are kept dense on MLX's CUDA backend: there (MLX 0.32.4) quantized
+#: matmuls with K = 64 return wrong results (relative error 1 to 1e38 in
+#: ``benchmarks/diagnose_gpu.py --parts qmm``; the FS-DFM layers hit are the adaLN and time-embedding
+#: layers of models with a 64-wide conditioning). Metal and CPU are not affected.
+CUDA_DENSE_MAX_IN = 64
+
+
+def cuda_backend() -> bool:
+    """True when arrays are computed by MLX's CUDA backend (the default device is a CUDA GPU)."""
+    return mx.default_device().type == mx.gpu and mx.cuda.is_available()
+
+
+def quantized_in_features(packed: mx.array, bits: int) -> int:
+    """The input width of a quantized weight from its packed [out, in * bits / 32] uint32 form."""
+    return packed.shape[-1] * 32 // bits
+
+
+def dequantize_weights(
+    weights: dict[str, mx.array], quantization: dict, max_in_features: int | None = None
+) -> dict[str, mx.array]:
+    """Turn quantized (weight, scales, biases) triples back into dense weights.
 
     Args:
         weights: tensors as stored.
         quantization: ``config["quantization"]``: ``group_size``, ``bits`` (and ``mode``), with
             optional per-layer dicts keyed by the layer's path, as mlx-lm writes them.
+        max_in_features: only layers whose input width is at most this (None = every layer).
     """
     out = {}
     for k, v in weights.items():
         base = k.rsplit(".", 1)[0]
-        if k.endswith((".scales", ".biases")) and f"{base}.scales" in weights:
+        layer = quantization.get(base)
+        layer = layer if isinstance(layer, dict) else quantization
+        bits = int(layer.get("bits", 4))
+        quantized = f"{base}.scales" in weights and (
+            max_in_features is None
+            or quantized_in_features(weights[f"{base}.weight"], bits) <= max_in_features
+        )
+        if k.endswith((".scales", ".biases")) and quantized:
             continue
-        if k.endswith(".weight") and f"{base}.scales" in weights:
-            layer = quantization.get(base)
-            layer = layer if isinstance(layer, dict) else quantization
-            kw = {"group_size": int(layer.get("group_size", 64)), "bits": int(layer.get("bits", 4))}
+        if k.endswith(".weight") and quantized:
+            kw = {"group_size": int(layer.get("group_size", 64)), "bits": bits}
             if layer.get("mode", "affine") != "affine":
                 kw["mode"] = layer["mode"]
             s = weights[f"{base}.scales"]
@@ -164,6 +189,8 @@ def load_model(
     if q is not None and should_dequantize(dequantize, config):
         weights = dequantize_weights(weights, q)
         q = None
+    elif q is not None and cuda_backend():
+        weights = dequantize_weights(weights, q, max_in_features=CUDA_DENSE_MAX_IN)
     if q is not None:
         nn.quantize(
             model,

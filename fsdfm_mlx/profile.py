@@ -27,6 +27,7 @@ from mlx.utils import tree_flatten
 
 from . import _cpu_blas
 from .generate import check_solver, generate_step
+from .load import CUDA_DENSE_MAX_IN, cuda_backend
 from .model import Model, ModelArgs
 from .solvers import DFM_EULER, uniform_time_grid
 
@@ -79,10 +80,14 @@ def _check_quantize(bits, group_size) -> None:
 
 
 def _quantizable(hidden: int, group_size: int) -> Callable:
-    # nn.quantize needs the input width divisible by the group size
+    # nn.quantize needs the input width divisible by the group size; on MLX's CUDA backend narrow
+    # layers stay dense (see fsdfm_mlx.load.CUDA_DENSE_MAX_IN)
+    narrow = CUDA_DENSE_MAX_IN if cuda_backend() else 0
+
     def pred(path, module):
         if isinstance(module, nn.Linear):
-            return module.weight.shape[-1] % group_size == 0
+            K = module.weight.shape[-1]
+            return K % group_size == 0 and K > narrow
         if isinstance(module, nn.Embedding):
             return hidden % group_size == 0
         return False

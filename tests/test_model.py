@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import CKPT, FIXTURES, report
 
+import fsdfm_mlx
 from fsdfm_mlx import load
 from fsdfm_mlx.model import Model, ModelArgs, strip_prefixes, timestep_embedding
 
@@ -153,3 +154,22 @@ def test_student_needs_dt():
         m(mx.zeros((1, 4), dtype=mx.int32), mx.array([0.5]))
     out = m(mx.zeros((2, 4), dtype=mx.int32), mx.array([0.1, 0.5]), mx.array([0.5, 0.5]))
     assert out.shape == (2, 4, 7)
+
+
+def test_narrow_quantized_layers_stay_dense_on_cuda(monkeypatch):
+    """MLX 0.32.4's CUDA quantized matmul is wrong for K = 64: those layers load dense there."""
+    import importlib
+
+    load_mod = importlib.import_module("fsdfm_mlx.load")  # the module, not fsdfm_mlx.load()
+
+    path = fsdfm_mlx.default_model_path()  # 4-bit, conditioning width 64
+    monkeypatch.setattr(load_mod, "cuda_backend", lambda: True)
+    model, _ = load_mod.load_model(path, dequantize=False)
+    block = model.blocks[0]
+    assert "scales" not in block.adaLN_modulation  # K = 64: dense
+    assert "scales" not in model.time_embedding.mlp[2]  # K = 64: dense
+    assert "scales" in block.qw and "scales" in model.output_layer.linear  # K = 256: quantized
+    assert block.adaLN_modulation.weight.dtype == block.qw.scales.dtype
+    monkeypatch.setattr(load_mod, "cuda_backend", lambda: False)
+    model, _ = load_mod.load_model(path, dequantize=False)
+    assert "scales" in model.blocks[0].adaLN_modulation
