@@ -7,7 +7,8 @@
 # Needs: our package installed (python3 -m fsdfm_mlx.cli.main), MLX with CUDA, mlx-lm, PyTorch CUDA.
 # Each part is guarded: a failure is logged to $2/<part>.err and the next part still runs.
 # Writes: env.json, a_profile_1p3b_b1.json, b_profile_1p3b_b8.json, b_matmul_peak.json,
-#         c_memory_bf16.json, c_memory_q4.json, d_sampler.json, e_mlx_vs_torch_cuda.json,
+#         c_memory_bf16.json, c_memory_q4.json, d_sampler.json, d_sampler_bf16.json,
+#         e_mlx_vs_torch_cuda.json,
 #         summary.json (the headline numbers pulled from the others).
 set -u
 REPO="$(cd "${1:?usage: device_suite.sh REPO OUT}" && pwd)"
@@ -66,14 +67,17 @@ import json, fsdfm_mlx
 from fsdfm_mlx.profile import matmul_tflops
 print(json.dumps({"kind": "matmul_bf16", "n": 8192, "tflops": matmul_tflops(8192, "bfloat16")}))'
 
-# (c) peak memory, 1.3B B=1 L=1024 8 steps: bf16 and 4-bit (group 64)
+# (c) peak memory, 1.3B B=1 L=1024 8 steps: bf16 and 4-bit (group 64), without the lookahead
+#     (--no-lookahead: one step in flight; the lookahead holds a second step's buffers)
 part c_memory_bf16 50 "${CLI[@]}" profile --preset 1.3b --steps 8 --length 1024 --batch-size 1 \
-  --dtype bfloat16 --repeats 2 --no-baselines --json
+  --dtype bfloat16 --repeats 2 --no-baselines --no-lookahead --json
 part c_memory_q4 50 "${CLI[@]}" profile --preset 1.3b --steps 8 --length 1024 --batch-size 1 \
-  --dtype bfloat16 -q --q-bits 4 --q-group-size 64 --repeats 2 --no-baselines --json
+  --dtype bfloat16 -q --q-bits 4 --q-group-size 64 --repeats 2 --no-baselines --no-lookahead --json
 
 # (d) the sampler step alone at V=50,257, L=1,024
 part d_sampler 40 "$PY" "$REPO/benchmarks/bench_sampler.py" --device gpu --length 1024 --vocab 50257
+part d_sampler_bf16 40 "$PY" "$REPO/benchmarks/bench_sampler.py" --device gpu --length 1024 \
+  --vocab 50257 --dtype bfloat16
 
 # (e) MLX against PyTorch eager and torch.compile on the same GPU: 1.3B, L=1024, 8 steps, bf16
 part e_mlx_vs_torch_cuda 160 "$PY" "$REPO/benchmarks/bench_mlx_vs_torch.py" --preset 1.3b \
@@ -107,11 +111,14 @@ if "results" in b:
 for name in ("c_memory_bf16", "c_memory_q4"):
     c = load(name)
     if "results" in c:
-        s[name] = {"peak_memory_gb": c["results"][0]["peak_memory_bytes"] / 1e9,
+        s[name] = {"lookahead": c["config"].get("lookahead"),
+                   "peak_memory_gb": c["results"][0]["peak_memory_bytes"] / 1e9,
                    "weights_gb": c["config"]["weights_bytes"] / 1e9,
                    "latency_s": c["results"][0]["latency_s"]}
 d = load("d_sampler")
 s["d_sampler_ms_per_step"] = d.get("sampler_ms_per_step", d)
+d = load("d_sampler_bf16")
+s["d_sampler_bf16_ms_per_step"] = d.get("sampler_ms_per_step", d)
 e = load("e_mlx_vs_torch_cuda")
 s["e_mlx_vs_torch"] = {k: e.get(k) for k in ("parity", "speedup_mlx_vs_torch_eager",
                        "speedup_mlx_vs_torch_compile", "error")}

@@ -9,7 +9,10 @@ source).
 Every update works from the logits alone: ``logsumexp`` over V, the current token's logit
 (a gather), and ONE Gumbel-max draw over the logits with ``z`` excluded for the destination. No
 [B, L, V] one-hot is built and nothing leaves the device: the step is a pure function of
-``(logits, x_t, editable, t, h, key)`` compiled with ``mx.compile``; random keys are passed in.
+``(logits, x_t, editable, t, h, key)`` compiled with ``mx.compile``; random keys are passed in. On a
+CUDA or Metal GPU, ``mixture_euler_with_cumulative_scalar`` and ``dfm_euler`` (without filters) do the
+V-wide part in one fused kernel pass per position instead (:mod:`fsdfm_mlx.kernels`): same
+distribution, a different random stream.
 
 Draws are Gumbel-max in float32 (the official code draws categoricals with ``torch.multinomial`` in
 float64). The two agree in distribution up to events of probability ~1e-7 per draw (the float32

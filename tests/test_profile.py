@@ -152,6 +152,18 @@ def test_cli_json(tiny_folder):
     assert [row["steps"] for row in res["results"]] == [1, 2]
     assert res["baselines"]["dfm"]["steps"] == 8
     assert res["apple_silicon_estimate"][0]["label"].startswith("ESTIMATE")
+    assert res["config"]["lookahead"] is True
+
+
+def test_cli_no_lookahead(tiny_folder):
+    r = _cli(
+        "--model", str(tiny_folder), "--steps", "2", "--length", str(L), "--repeats", "1",
+        "--no-baselines", "--no-lookahead", "--json",
+    )  # fmt: skip
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout)
+    assert res["config"]["lookahead"] is False
+    assert res["results"][0]["peak_memory_bytes"] > 0
 
 
 def test_cli_table(tiny_folder):
