@@ -12,8 +12,10 @@ than the largest possible noise (``GUMBEL_MAX``) below the best score so far can
 skipped without drawing, which leaves the result exact.
 
 Backends: CUDA (``mx.fast.cuda_kernel``) and Metal (``mx.fast.metal_kernel``) run the same
-algorithm. Elsewhere (CPU), or when ``FSDFM_MLX_SAMPLER=portable``, or if the kernel fails its
-first-use self-check, the solvers use their portable MLX-ops path.
+algorithm. On a CPU device the same three results come from NumPy instead (exp, cumulative sum and
+one uniform per row: an inverse-CDF draw), because MLX's CPU ``exp`` and random-number kernels are
+several times slower than NumPy's vectorised ones. With ``FSDFM_MLX_SAMPLER=portable``, or if the
+kernel fails its first-use self-check, the solvers use their portable MLX-ops path.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import warnings
 
 import mlx.core as mx
+import numpy as np
 
 #: Threads per row (one threadgroup per position).
 THREADS = 256
@@ -192,16 +195,43 @@ def _source(backend: str) -> tuple[str, str]:
 
 
 def backend() -> str | None:
-    """The GPU backend the fused kernel can run on here (``"cuda"`` / ``"metal"``), else None."""
+    """Where the fused row sampler runs: ``"cuda"``, ``"metal"``, ``"cpu"`` (NumPy), or None."""
     if os.environ.get("FSDFM_MLX_SAMPLER", "").lower() == "portable":
         return None
     if mx.default_device() != mx.gpu:
-        return None
+        return "cpu"
     if mx.cuda.is_available():
         return "cuda"
     if mx.metal.is_available():
         return "metal"
     return None
+
+
+def _cpu_row_sample(logits, z, key, exclude_z, ban):
+    """The NumPy version: one inverse-CDF draw per row (float32 cumulative sums)."""
+    *lead, V = logits.shape
+    lg = np.asarray(logits.astype(mx.float32)).reshape(-1, V)
+    zr = np.asarray(z).reshape(-1).astype(np.int64)
+    rows = np.arange(lg.shape[0])
+    m = lg.max(axis=-1, keepdims=True)
+    e = np.exp(lg - m)  # [R, V]
+    lse = m[:, 0] + np.log(e.sum(axis=-1))
+    logit_z = lg[rows, zr]
+    if exclude_z:
+        e[rows, zr] = 0.0
+    if ban is not None:
+        e[:, ban] = 0.0
+    c = np.cumsum(e, axis=-1, out=e)
+    seed = np.asarray(key).astype(np.uint64)
+    u = np.random.default_rng(seed).random(lg.shape[0], dtype=np.float32)
+    # first column whose cumulative weight exceeds u * total (the scale keeps u below the total)
+    target = (u * c[:, -1] * np.float32(1.0 - 2.0**-23))[:, None]
+    dest = np.minimum((c <= target).sum(axis=-1), V - 1)
+    return (
+        mx.array(dest.astype(np.int32).reshape(lead)),
+        mx.array(lse.astype(np.float32).reshape(lead)),
+        mx.array(logit_z.astype(np.float32).reshape(lead)),
+    )
 
 
 @functools.lru_cache(maxsize=2)
@@ -222,7 +252,7 @@ def _kernel(which: str):
 def row_sample(
     logits: mx.array, z: mx.array, key: mx.array, *, exclude_z: bool, ban: int | None = None
 ) -> tuple[mx.array, mx.array, mx.array]:
-    """One fused pass per row: ``(dest, lse, logit_z)``.
+    """One fused pass per row: ``(dest, lse, logit_z)`` (GPU kernel, or NumPy on a CPU device).
 
     Args:
         logits: [..., V] logits (float32, float16 or bfloat16).
@@ -238,7 +268,9 @@ def row_sample(
     """
     which = backend()
     if which is None:
-        raise RuntimeError("the fused sampler kernel needs a CUDA or Metal GPU")
+        raise RuntimeError("the fused row sampler is switched off (FSDFM_MLX_SAMPLER=portable)")
+    if which == "cpu":
+        return _cpu_row_sample(logits, z, key, exclude_z, ban)
     *lead, V = logits.shape
     R = math.prod(lead)
     out = _kernel(which)(
@@ -290,7 +322,7 @@ def _self_check() -> bool:
         ref_z = mx.take_along_axis(logits, z[:, None], axis=-1)[:, 0]
         mx.eval(dest, lse, logit_z, ref_lse, ref_z)
         ok = (
-            bool(mx.allclose(lse, ref_lse, rtol=1e-5, atol=1e-4).item())
+            bool(mx.allclose(lse, ref_lse, rtol=1e-4, atol=1e-3).item())
             and bool(mx.array_equal(logit_z, ref_z).item())
             and bool(((dest >= 0) & (dest < V) & (dest != z)).all().item())
             and bool(mx.array_equal(dest[:8], winner[:8]).item())
