@@ -84,81 +84,55 @@ _BODY = """
     }
 """
 
-_CUDA_REDUCE = """
-    // warp, then block reduction of (m, acc) and (best, best_i)
-    for (int off = 16; off > 0; off >>= 1) {
-        float m2 = __shfl_down_sync(0xffffffffu, m, off);
-        float a2 = __shfl_down_sync(0xffffffffu, acc, off);
-        float b2 = __shfl_down_sync(0xffffffffu, best, off);
-        int i2 = __shfl_down_sync(0xffffffffu, best_i, off);
+# One shuffle-down step of the (m, acc) / (best, best_i) combine, over offsets 16, 8, 4, 2, 1.
+_COMBINE = """
+    for (OFF_T off = 16; off > 0; off >>= 1) {
+        float m2 = SHFL(m, off);
+        float a2 = SHFL(acc, off);
+        float b2 = SHFL(best, off);
+        int i2 = SHFL(best_i, off);
         float mm = fmax(m, m2);
         if (mm > NEG) { acc = acc * FEXP(m - mm) + a2 * FEXP(m2 - mm); m = mm; }
         if (b2 > best || (b2 == best && i2 >= 0 && (best_i < 0 || i2 < best_i))) {
             best = b2; best_i = i2;
-        }
-    }
-    __shared__ float sm_m[32], sm_a[32], sm_b[32];
-    __shared__ int sm_i[32];
-    const unsigned lane = tid & 31u, warp = tid >> 5;
-    if (lane == 0) { sm_m[warp] = m; sm_a[warp] = acc; sm_b[warp] = best; sm_i[warp] = best_i; }
-    __syncthreads();
-    if (warp == 0) {
-        const unsigned nw = NTHREADS / 32;
-        m = lane < nw ? sm_m[lane] : NEG;
-        acc = lane < nw ? sm_a[lane] : 0.0f;
-        best = lane < nw ? sm_b[lane] : NEG;
-        best_i = lane < nw ? sm_i[lane] : -1;
-        for (int off = 16; off > 0; off >>= 1) {
-            float m2 = __shfl_down_sync(0xffffffffu, m, off);
-            float a2 = __shfl_down_sync(0xffffffffu, acc, off);
-            float b2 = __shfl_down_sync(0xffffffffu, best, off);
-            int i2 = __shfl_down_sync(0xffffffffu, best_i, off);
-            float mm = fmax(m, m2);
-            if (mm > NEG) { acc = acc * FEXP(m - mm) + a2 * FEXP(m2 - mm); m = mm; }
-            if (b2 > best || (b2 == best && i2 >= 0 && (best_i < 0 || i2 < best_i))) {
-                best = b2; best_i = i2;
-            }
         }
     }
 """
 
-_METAL_REDUCE = """
-    // simdgroup, then threadgroup reduction of (m, acc) and (best, best_i)
-    for (ushort off = 16; off > 0; off >>= 1) {
-        float m2 = simd_shuffle_down(m, off);
-        float a2 = simd_shuffle_down(acc, off);
-        float b2 = simd_shuffle_down(best, off);
-        int i2 = simd_shuffle_down(best_i, off);
-        float mm = fmax(m, m2);
-        if (mm > NEG) { acc = acc * FEXP(m - mm) + a2 * FEXP(m2 - mm); m = mm; }
-        if (b2 > best || (b2 == best && i2 >= 0 && (best_i < 0 || i2 < best_i))) {
-            best = b2; best_i = i2;
-        }
-    }
-    threadgroup float sm_m[32], sm_a[32], sm_b[32];
-    threadgroup int sm_i[32];
+# Warp (simdgroup) reduction, then across the warps through shared (threadgroup) memory.
+_REDUCE = (
+    """
+    // warp, then block reduction of (m, acc) and (best, best_i)"""
+    + _COMBINE
+    + """    SHARED float sm_m[32], sm_a[32], sm_b[32];
+    SHARED int sm_i[32];
     const unsigned lane = tid & 31u, warp = tid >> 5;
     if (lane == 0) { sm_m[warp] = m; sm_a[warp] = acc; sm_b[warp] = best; sm_i[warp] = best_i; }
-    threadgroup_barrier(mem_flags::mem_threadgroup);
+    BARRIER;
     if (warp == 0) {
         const unsigned nw = NTHREADS / 32;
         m = lane < nw ? sm_m[lane] : NEG;
         acc = lane < nw ? sm_a[lane] : 0.0f;
         best = lane < nw ? sm_b[lane] : NEG;
-        best_i = lane < nw ? sm_i[lane] : -1;
-        for (ushort off = 16; off > 0; off >>= 1) {
-            float m2 = simd_shuffle_down(m, off);
-            float a2 = simd_shuffle_down(acc, off);
-            float b2 = simd_shuffle_down(best, off);
-            int i2 = simd_shuffle_down(best_i, off);
-            float mm = fmax(m, m2);
-            if (mm > NEG) { acc = acc * FEXP(m - mm) + a2 * FEXP(m2 - mm); m = mm; }
-            if (b2 > best || (b2 == best && i2 >= 0 && (best_i < 0 || i2 < best_i))) {
-                best = b2; best_i = i2;
-            }
-        }
-    }
+        best_i = lane < nw ? sm_i[lane] : -1;"""
+    + _COMBINE.replace("\n    ", "\n        ")
+    + """    }
 """
+)
+
+_CUDA_REDUCE = (
+    _REDUCE.replace("OFF_T", "int")
+    .replace("SHFL(", "__shfl_down_sync(0xffffffffu, ")
+    .replace("SHARED", "__shared__")
+    .replace("BARRIER", "__syncthreads()")
+)
+_METAL_REDUCE = (
+    _REDUCE.replace("OFF_T", "ushort")
+    .replace("SHFL(", "simd_shuffle_down(")
+    .replace("SHARED", "threadgroup")
+    .replace("BARRIER", "threadgroup_barrier(mem_flags::mem_threadgroup)")
+    .replace("warp, then block", "simdgroup, then threadgroup")
+)
 
 
 def _source(backend: str) -> tuple[str, str]:
