@@ -257,11 +257,13 @@ def _run(model, B, L, grid, solver, key, prompt, suffix, options, profile, compi
         changed = x_new != x
         last_changed = mx.where(changed, i + 1, last_changed)
         x = x_new
+        state = _state(x, i, n, grid, h_grid, changed, last_changed, editable)
         if profile or not lookahead:
             mx.eval(x, changed, last_changed)
-            toc = time.perf_counter() if profile else 0.0
-            state = _state(x, i, n, grid, h_grid, changed, last_changed, editable, tic, mid, toc)
-            state.step_ms = (time.perf_counter() - tic) * 1e3
+            toc = time.perf_counter()
+            if profile:
+                state.model_ms, state.sampler_ms = (mid - tic) * 1e3, (toc - mid) * 1e3
+            state.step_ms = (toc - tic) * 1e3
             yield state
             tic = time.perf_counter()
             continue
@@ -269,19 +271,15 @@ def _run(model, B, L, grid, solver, key, prompt, suffix, options, profile, compi
         # to run while Python builds the one after it, and at most two steps are in flight.
         mx.async_eval(x, changed, last_changed)
         if pending is not None:
-            mx.eval(pending.tokens, pending.changed, pending.last_changed)
-            pending.step_ms = (time.perf_counter() - tic) * 1e3
-            yield pending
+            yield _finish(pending, tic)
             tic = time.perf_counter()
-        pending = _state(x, i, n, grid, h_grid, changed, last_changed, editable)
+        pending = state
     if pending is not None:
-        mx.eval(pending.tokens, pending.changed, pending.last_changed)
-        pending.step_ms = (time.perf_counter() - tic) * 1e3
-        yield pending
+        yield _finish(pending, tic)
 
 
-def _state(x, i, n, grid, h_grid, changed, last_changed, editable, tic=0.0, mid=0.0, toc=0.0):
-    profiled = toc > 0.0
+def _state(x, i, n, grid, h_grid, changed, last_changed, editable) -> StepState:
+    """The state after step ``i`` (0-based); the caller fills in the timings."""
     return StepState(
         tokens=x,
         step=i + 1,
@@ -291,10 +289,17 @@ def _state(x, i, n, grid, h_grid, changed, last_changed, editable, tic=0.0, mid=
         changed=changed,
         last_changed=last_changed,
         editable=editable,
-        model_ms=(mid - tic) * 1e3 if profiled else None,
-        sampler_ms=(toc - mid) * 1e3 if profiled else None,
-        step_ms=(toc - tic) * 1e3,
+        model_ms=None,
+        sampler_ms=None,
+        step_ms=0.0,
     )
+
+
+def _finish(state: StepState, tic: float) -> StepState:
+    """Wait for a queued step's arrays and stamp its wall time."""
+    mx.eval(state.tokens, state.changed, state.last_changed)
+    state.step_ms = (time.perf_counter() - tic) * 1e3
+    return state
 
 
 def compiled_forward(model):
