@@ -9,10 +9,10 @@ source).
 Every update works from the logits alone: ``logsumexp`` over V, the current token's logit
 (a gather), and ONE Gumbel-max draw over the logits with ``z`` excluded for the destination. No
 [B, L, V] one-hot is built and nothing leaves the device: the step is a pure function of
-``(logits, x_t, editable, t, h, key)`` compiled with ``mx.compile``; random keys are passed in. On a
-CUDA or Metal GPU, ``mixture_euler_with_cumulative_scalar`` and ``dfm_euler`` (without filters) do the
-V-wide part in one fused kernel pass per position instead (:mod:`fsdfm_mlx.kernels`): same
-distribution, a different random stream.
+``(logits, x_t, editable, t, h, key)`` compiled with ``mx.compile``; random keys are passed in.
+``mixture_euler_with_cumulative_scalar`` and ``dfm_euler`` (without filters) instead do the V-wide
+part in one fused pass per position (:mod:`fsdfm_mlx.kernels`: a CUDA/Metal kernel on a GPU, NumPy on
+a CPU device): same distribution, a different random stream.
 
 Draws are Gumbel-max in float32 (the official code draws categoricals with ``torch.multinomial`` in
 float64). The two agree in distribution up to events of probability ~1e-7 per draw (the float32
@@ -303,7 +303,7 @@ def _compiled_step(cfg: _StepConfig):
     return mx.compile(functools.partial(_step, cfg))
 
 
-#: Solvers whose destination is ``p_1t`` without ``z``: the fused kernel covers them.
+#: Solvers whose destination is ``p_1t`` without ``z``: the fused row sampler covers them.
 _KERNEL_SOLVERS = (CUMULATIVE, DFM_EULER)
 
 
@@ -344,7 +344,7 @@ def _compiled_update(cfg: _StepConfig):
 
 
 def _kernel_step(cfg: _StepConfig, logits, x_t, editable, t, h, key) -> mx.array:
-    """The step with the V-wide work in one fused kernel pass (see :mod:`fsdfm_mlx.kernels`)."""
+    """The step with the V-wide work in one fused pass per row (see :mod:`fsdfm_mlx.kernels`)."""
     k_dest, k_jump = mx.random.split(key)
     if cfg.final:
         # x_1 ~ p_1t; an FS-DFM solver with a mask source never draws the mask column
@@ -387,7 +387,8 @@ def sample_step(
         options: temperature / top-k / top-p (see the module docstring).
         exponent: the polynomial scheduler's exponent (``k_t = t ** exponent``).
         compile: use the ``mx.compile``d step (False runs the same graph eagerly).
-        fused: on a GPU, do the V-wide work in one fused kernel pass when the solver allows it
+        fused: do the V-wide work in one fused pass per position (GPU kernel, or NumPy on a CPU
+            device; see :mod:`fsdfm_mlx.kernels`) when the solver allows it
             (``mixture_euler_with_cumulative_scalar`` and ``dfm_euler`` without temperature /
             top-k / top-p). Same distribution, different random stream from the portable path.
 
