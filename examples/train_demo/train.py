@@ -71,6 +71,12 @@ class Settings:
     max_log2_steps: int = 10
     log_every: int = 50
     ckpt_every: int = 500
+    # student objective: "posterior" (KL to the teacher's posterior at every dt) or "trajectory"
+    # (half the batch: on-policy states of the student's own coarse steps, cross-entropy towards
+    # where a fine-stepped teacher run from that state ends; the other half: "posterior")
+    objective: str = "posterior"
+    fine_steps: int = 64  # the teacher's grid for trajectory targets (steps over [0, 1])
+    traj_budgets: str = "4,8,8,16"  # coarse step budgets drawn (uniformly from this list)
 
 
 def model_args(s: Settings, student: bool) -> ModelArgs:
@@ -249,6 +255,64 @@ def sample_dt_t(s: Settings, B: int, device):
     return t, dt
 
 
+def sample_categorical(logits: torch.Tensor) -> torch.Tensor:
+    """One draw per row of [..., V] logits (exponential race: argmax p / E, E ~ Exp(1))."""
+    e = torch.empty_like(logits, dtype=torch.float32).exponential_()
+    return (logits.float() - e.log()).argmax(-1)
+
+
+def cumulative_scalar_step(
+    logits: torch.Tensor, x: torch.Tensor, t: torch.Tensor, h: torch.Tensor, final: bool
+) -> torch.Tensor:
+    """``mixture_euler_with_cumulative_scalar`` for kappa(t) = t (the runtime's default solver).
+
+    Non-final: ``alpha = (ln(1 - t) - ln(1 - t - h)) / h``; jump with probability
+    ``1 - exp(-h alpha (1 - p_z))`` to ``x ~ p_1t`` without ``z``. Final: ``x_1 ~ p_1t``.
+    ``t``, ``h``: [B]; ``logits`` [B, L, V]; ``x`` [B, L].
+    """
+    if final:
+        return sample_categorical(logits)
+    logp = F.log_softmax(logits.float(), -1)
+    log_p_z = logp.gather(-1, x[..., None])[..., 0]  # [B, L]
+    stay = lambda u: torch.log(torch.clamp(1.0 - u, 1e-8, 1.0))  # noqa: E731
+    alpha = (stay(t) - stay(t + h)) / (h + 1e-8)  # [B]
+    lam = torch.clamp_min(alpha[:, None] * -torch.expm1(log_p_z), 1e-12)
+    jump = torch.rand_like(log_p_z) < -torch.expm1(-h[:, None] * lam)
+    dest = sample_categorical(logp.scatter(-1, x[..., None], float("-inf")))
+    return torch.where(jump & (log_p_z < 0), dest, x)
+
+
+@torch.no_grad()
+def trajectory_targets(s: Settings, student, teacher, B: int, device, ac):
+    """On-policy states and where a fine-stepped teacher run from them ends.
+
+    One coarse budget ``n`` and one step index ``k < n`` per call: ``x_t`` (t = k / n) comes from
+    ``k`` steps of the student itself (dt = 1 / n) from uniform noise, the state few-step sampling
+    really meets; the target ``x_1`` is the end of the teacher's run from ``(x_t, t)`` on a grid of
+    ``fine_steps`` steps per unit time. Returns ``x_t, t, dt, x_1`` ([B, L], [B], [B], [B, L]).
+    """
+    budgets = [int(b) for b in s.traj_budgets.split(",")]
+    n = budgets[int(torch.randint(0, len(budgets), ()))]
+    k = int(torch.randint(0, n, ()))
+    x = torch.randint(0, VOCAB, (B, s.length), device=device)
+    dt = torch.full((B,), 1.0 / n, device=device)
+    for i in range(k):
+        t = torch.full((B,), i / n, device=device)
+        with ac():
+            logits = student(x, t, dt)
+        x = cumulative_scalar_step(logits, x, t, dt, final=False)
+    x_t, t_0 = x.clone(), torch.full((B,), k / n, device=device)
+    fine = max(s.fine_steps, n)
+    first = round(k / n * fine)
+    h = torch.full((B,), 1.0 / fine, device=device)
+    for j in range(first, fine):
+        t = torch.full((B,), j / fine, device=device)
+        with ac():
+            logits = teacher(x, t)
+        x = cumulative_scalar_step(logits, x, t, h, final=j == fine - 1)
+    return x_t, t_0, dt, x, n, k
+
+
 def load_teacher(s: Settings, work: Path, device, teacher_mlx: str | None):
     """The teacher: ``<work>/teacher.pth``, or a converted MLX folder (dequantized to float32)."""
     teacher = FSDFMTorch(model_args(s, student=False)).to(device)
@@ -263,7 +327,9 @@ def load_teacher(s: Settings, work: Path, device, teacher_mlx: str | None):
     return teacher.eval().requires_grad_(False)
 
 
-def train_student(s: Settings, data: Path, work: Path, device, teacher_mlx=None) -> None:
+def train_student(
+    s: Settings, data: Path, work: Path, device, teacher_mlx=None, init_mlx=None
+) -> None:
     ckpt_path = work / "student.pth"
     teacher = load_teacher(s, work, device, teacher_mlx)
     torch.manual_seed(s.seed + 1)
@@ -271,6 +337,10 @@ def train_student(s: Settings, data: Path, work: Path, device, teacher_mlx=None)
     init_weights(student)
     # the student starts from the teacher's weights; dt embedding and fusers are new
     missing, _ = student.load_state_dict(teacher.state_dict(), strict=False)
+    if init_mlx:  # or from an already distilled student (a converted MLX folder)
+        from fsdfm_mlx.convert.torch_model import read_mlx_folder
+
+        student.load_state_dict(read_mlx_folder(init_mlx)[1])
     ema = FSDFMTorch(model_args(s, student=True)).to(device)
     ema.load_state_dict(student.state_dict())
     ema.eval().requires_grad_(False)
@@ -294,12 +364,17 @@ def train_student(s: Settings, data: Path, work: Path, device, teacher_mlx=None)
             "settings": asdict(s),
             "new_tensors": sorted(missing),
             "teacher": teacher_mlx or str(work / "teacher.pth"),
+            "init": init_mlx or "teacher",
             "params": sum(p.numel() for p in student.parameters()),
         },
     )
     cuda = device.type == "cuda"
     s_fwd = torch.compile(student) if cuda else student
     t_fwd = torch.compile(teacher) if cuda else teacher
+    e_fwd = torch.compile(ema) if cuda else ema
+    traj = s.objective == "trajectory"
+    if s.objective not in ("posterior", "trajectory"):
+        raise SystemExit(f"unknown --objective {s.objective!r} (posterior or trajectory)")
 
     def ac():
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda)
@@ -312,14 +387,28 @@ def train_student(s: Settings, data: Path, work: Path, device, teacher_mlx=None)
         B = x_1.shape[0]
         t, dt = sample_dt_t(s, B, device)
         x_t = mixture_path(x_1, t)
+        B_traj = B // 2 if traj else 0
+        if traj:  # the first half of the batch: on-policy states, trajectory targets
+            xt_tr, t_tr, dt_tr, x1_tr, n_tr, k_tr = trajectory_targets(
+                s, e_fwd, t_fwd, B_traj, device, ac
+            )
+            x_t, t, dt = x_t[B_traj:], t[B_traj:], dt[B_traj:]
         with torch.no_grad(), ac():
             target = t_fwd(x_t, t).float()  # the teacher's posterior p_1t(. | x_t, t)
+        if traj:
+            x_t, t, dt = torch.cat([xt_tr, x_t]), torch.cat([t_tr, t]), torch.cat([dt_tr, dt])
         with ac():
             logits = s_fwd(x_t, t, dt)
         logq = F.log_softmax(logits.float(), -1)
         logp = F.log_softmax(target, -1)
-        kl = (logp.exp() * (logp - logq)).sum(-1).mean(-1)  # [B]
+        kl = (logp.exp() * (logp - logq[B_traj:])).sum(-1).mean(-1)  # [B - B_traj]
         loss = kl.mean()
+        ce_traj = float("nan")
+        if traj:
+            ce = -logq[:B_traj].gather(-1, x1_tr[..., None])[..., 0].mean()
+            loss = 0.5 * loss + 0.5 * ce
+            ce_traj = ce.item()
+        dt = dt[B_traj:]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), s.grad_clip)
@@ -334,6 +423,7 @@ def train_student(s: Settings, data: Path, work: Path, device, teacher_mlx=None)
                 loss.item(),
                 kl[coarse].mean().item() if coarse.any() else float("nan"),
                 kl[~coarse].mean().item() if (~coarse).any() else float("nan"),
+                ce_traj,
             )
         )
         if step % s.log_every == 0:
@@ -346,6 +436,7 @@ def train_student(s: Settings, data: Path, work: Path, device, teacher_mlx=None)
                     "loss": float(np.nanmean(arr[:, 0])),
                     "kl_dt_ge_1_16": float(np.nanmean(arr[:, 1])),
                     "kl_dt_lt_1_16": float(np.nanmean(arr[:, 2])),
+                    **({"ce_trajectory": float(np.nanmean(arr[:, 3]))} if traj else {}),
                     "lr": lr_at(s, step),
                     "elapsed_s": round(time.time() - t0, 1),
                 },
@@ -431,6 +522,11 @@ def main() -> None:
         default=None,
         help="student stage: take the teacher from this converted MLX folder (dequantized)",
     )
+    ap.add_argument(
+        "--init-mlx",
+        default=None,
+        help="student stage: start the student from this converted MLX student (a new run only)",
+    )
     for f, v in asdict(Settings(stage="x")).items():
         if f == "stage" or isinstance(v, tuple):
             continue
@@ -453,7 +549,7 @@ def main() -> None:
     if a.stage == "teacher":
         train_teacher(s, Path(a.data), work, device)
     else:
-        train_student(s, Path(a.data), work, device, a.teacher_mlx)
+        train_student(s, Path(a.data), work, device, a.teacher_mlx, a.init_mlx)
 
 
 if __name__ == "__main__":
