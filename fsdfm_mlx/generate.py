@@ -223,7 +223,8 @@ def _run(model, B, L, grid, solver, key, prompt, suffix, options, profile, compi
     if suffix:
         frozen[L - len(suffix) :] = True
         fixed[L - len(suffix) :] = suffix
-    editable = mx.broadcast_to(mx.array(~frozen)[None], (B, L))
+    # a contiguous [B, L] array (not a broadcast view), so no step has to copy it
+    editable = mx.array(np.ascontiguousarray(np.broadcast_to(~frozen, (B, L))))
     x = mx.where(editable, x, mx.array(fixed)[None])
     last_changed = mx.zeros((B, L), dtype=mx.int32)
     mx.eval(x, editable, last_changed)

@@ -1,21 +1,23 @@
-"""A fused GPU kernel for the sampler's V-wide work: one pass over each row of logits.
+"""A fused kernel for the whole solver step: one pass over each row of logits, one launch per step.
 
-Every FS-DFM / DFM update needs, per position, ``logsumexp`` of the logits, the current token's
-logit and one categorical draw (Gumbel-max) with the current token excluded. Done with MLX ops that
-is several passes over [B, L, V] plus V-wide random numbers; here one threadgroup reads a row once
-and produces all three (``lse``, ``logit_z``, ``dest``), so the step is bound by reading the logits.
+Every FS-DFM / DFM update needs, per position, the normaliser of ``p_1t``, the probability of the
+current token ``z`` and one categorical draw with ``z`` excluded; then a jump decision. Done with
+MLX ops that is several passes over [B, L, V] plus V-wide random numbers and a handful of small
+launches; here one threadgroup per position reads its row of logits once and writes the new token.
 
-The Gumbel noise comes from a counter-based hash of ``(key, row, column)`` (lowbias32, a cheap
-well-mixed 32-bit bijection; 23-bit uniforms), so a draw depends only on the key and the position,
-never on the launch shape. A column whose logit is more
-than the largest possible noise (``GUMBEL_MAX``) below the best score so far cannot win and is
-skipped without drawing, which leaves the result exact.
+The draw is by inverse CDF: each thread keeps a running (max, sum of exp) over its columns, the
+threadgroup combines them into the row's normaliser and per-thread masses, one uniform picks the
+thread whose mass bracket holds ``u * total``, and one simdgroup walks that thread's columns again
+(from cache) to find the column. One ``exp`` per logit, no per-column noise, so the step is bound by
+reading the logits. Uniforms come from a counter-based hash of ``(key, row, stream)`` (lowbias32, a
+cheap well-mixed 32-bit bijection; 24-bit uniforms), so a draw depends on the key and the position,
+never on the launch shape.
 
-Backends: CUDA (``mx.fast.cuda_kernel``) and Metal (``mx.fast.metal_kernel``) run the same
-algorithm. On a CPU device the same three results come from NumPy instead (exp, cumulative sum and
-one uniform per row: an inverse-CDF draw), because MLX's CPU ``exp`` and random-number kernels are
-several times slower than NumPy's vectorised ones. With ``FSDFM_MLX_SAMPLER=portable``, or if the
-kernel fails its first-use self-check, the solvers use their portable MLX-ops path.
+Backends: CUDA (``mx.fast.cuda_kernel``) and Metal (``mx.fast.metal_kernel``) run the same source
+template. On a CPU device the same step runs in NumPy (exp, cumulative sum, one inverse-CDF draw per
+row), because MLX's CPU ``exp`` and random-number kernels are several times slower than NumPy's.
+With ``FSDFM_MLX_SAMPLER=portable``, or if the kernel fails its first-use self-check, the solvers use
+their portable MLX-ops path.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ import warnings
 import mlx.core as mx
 import numpy as np
 
-#: Threads per row (one threadgroup per position).
+#: Threads per row (one threadgroup per position); a multiple of 32 up to 1024.
 THREADS = 256
-#: Uniforms have 23 random bits: u in [2^-24, 1 - 2^-24], so the noise is at most this.
-GUMBEL_MAX = -math.log(-math.log1p(-(2.0**-24)))
+#: Step kinds (the kernel's MODE).
+MODES = {"cumulative": 0, "dfm_euler": 1, "final": 2}
 
 _HASH = """
 // lowbias32 (Wellons / TheIronBorn constants): a cheap, well-mixed 32-bit bijection
@@ -40,130 +42,198 @@ HASH_INLINE unsigned fsdfm_mix32(unsigned x) {
     x ^= x >> 15; x *= 0x735a2d97u;
     return x ^ (x >> 15);
 }
-// Standard Gumbel noise for column j of a row whose stream is row_seed; 23-bit uniforms in (0, 1).
-HASH_INLINE float fsdfm_gumbel(unsigned row_seed, unsigned j) {
-    unsigned r = fsdfm_mix32(row_seed + j * 0x9E3779B9u);
-    float u = (float)(r >> 9) * 1.1920928955078125e-07f + 5.9604644775390625e-08f;
-    // the inner log must be accurate near u = 1 (a fast log can return 0 there: infinite noise);
-    // the floor keeps the noise within GMAX whatever the library does
-    return -FLOG(FMAX(-PRECISE_LOG(u), 5.9604645e-08f));
+// a uniform in (0, 1) with 24 random bits, stream k of a row whose seed is s
+HASH_INLINE float fsdfm_uniform(unsigned s, unsigned k) {
+    unsigned r = fsdfm_mix32(s + k * 0x9E3779B9u);
+    return (float)(r >> 8) * 5.9604644775390625e-08f + 2.98023223876953125e-08f;
+}
+// 1 - exp(-x) for x >= 0, accurate for small x (a short series below 1e-2)
+HASH_INLINE float fsdfm_one_minus_exp_neg(float x) {
+    return x < 1e-2f ? x * (1.0f - x * (0.5f - x * (0.16666667f - x * 0.041666668f)))
+                     : 1.0f - PRECISE_EXP(-x);
 }
 """
 
-# Shared body. Template parameters: T (logits dtype), V (row width), EXCLUDE_Z (bool: the current
-# token may not be drawn), BAN (a column that is never drawn; V = none; the mask column at a
-# mask-source final step). Template values must be non-negative: they become part of the kernel's
-# name. Inputs: logits [R, V], z [R] int32, seed [2] uint32.
-# Outputs: dest [R] int32, lse [R] float32, logit_z [R] float32.
+# Template parameters: T (logits dtype), V (row width), MODE (0 cumulative scalar, 1 dfm_euler,
+# 2 final), BAN (a column never drawn; V = none), MASK (final step: only positions holding this
+# token are written; V = all), EXP1 (the scheduler exponent is 1). Template values must be
+# non-negative: they become part of the kernel's name.
+# Inputs: logits [R, V], z [R] int32, editable [R] bool, seed [2] uint32, t [1], h [1], expo [1].
+# Output: out [R] int32, the position's token after the step.
 _BODY = """
     const unsigned row = ROW_ID;
     const unsigned tid = THREAD_ID;
+    const unsigned lane = tid & 31u, warp = tid >> 5;
     const u64 base = (u64)row * (u64)V;
     const int zr = z[row];
-    // one stream per (key, row): columns j -> distinct hash inputs row_seed + j * golden
     const unsigned s = fsdfm_mix32(fsdfm_mix32(row ^ fsdfm_mix32(seed[0])) + seed[1]);
+    SHARED float sm_m[NTHREADS / 32], sm_a[NTHREADS / 32], sm_w[NTHREADS];
+
+    // 1. running max and sums of exp over this thread's columns: all (acc) and drawable (accd)
     // NEG (a huge finite negative) stands for -inf: no infinities, so fast math stays exact
-    float m = NEG;     // running max of the logits
-    float acc = 0.0f;  // running sum of exp(logit - m)
-    float best = NEG;
-    int best_i = -1;
+    float m = NEG, acc = 0.0f, accd = 0.0f;
     for (unsigned j = tid; j < (unsigned)V; j += NTHREADS) {
         const float l = (float)logits[base + j];
         if (l <= NEG) continue;  // a removed column (-inf)
-        if (l > m) { acc = acc * FEXP(m - l) + 1.0f; m = l; } else { acc += FEXP(l - m); }
-        if ((EXCLUDE_Z && (int)j == zr) || (int)j == BAN) continue;
-        if (l + GMAX <= best) continue;  // even the largest noise cannot make it win
-        const float v = l + fsdfm_gumbel(s, j);
-        if (v > best || (v == best && (int)j < best_i)) { best = v; best_i = (int)j; }
+        const bool d = !((MODE != 2 && (int)j == zr) || (int)j == BAN);
+        if (l > m) {
+            const float c = FEXP(m - l);
+            acc = acc * c + 1.0f; accd = accd * c + (d ? 1.0f : 0.0f); m = l;
+        } else {
+            const float e = FEXP(l - m);
+            acc += e; if (d) accd += e;
+        }
     }
-    REDUCE
-    if (tid == 0) {
-        dest[row] = best_i;
-        lse[row] = m + FLOG(acc);
-        logit_z[row] = (float)logits[base + (u64)zr];
-    }
-"""
 
-# One shuffle-down step of the (m, acc) / (best, best_i) combine, over offsets 16, 8, 4, 2, 1.
-_COMBINE = """
-    for (OFF_T off = 16; off > 0; off >>= 1) {
-        float m2 = SHFL(m, off);
-        float a2 = SHFL(acc, off);
-        float b2 = SHFL(best, off);
-        int i2 = SHFL(best_i, off);
-        float mm = fmax(m, m2);
-        if (mm > NEG) { acc = acc * FEXP(m - mm) + a2 * FEXP(m2 - mm); m = mm; }
-        if (b2 > best || (b2 == best && i2 >= 0 && (best_i < 0 || i2 < best_i))) {
-            best = b2; best_i = i2;
+    // 2. the row max M, every thread's drawable mass w (relative to M) and the total A
+    float M = m;
+    for (int off = 16; off > 0; off >>= 1) M = fmax(M, SHFL_XOR(M, off));
+    if (lane == 0) sm_m[warp] = M;
+    BARRIER;
+    M = NEG;
+    for (unsigned i = 0; i < NTHREADS / 32; ++i) M = fmax(M, sm_m[i]);
+    const float sc = m > NEG ? FEXP(m - M) : 0.0f;
+    float a = acc * sc;
+    sm_w[tid] = accd * sc;
+    for (int off = 16; off > 0; off >>= 1) a += SHFL_XOR(a, off);
+    if (lane == 0) sm_a[warp] = a;
+    BARRIER;
+
+    // 3. one simdgroup draws: the thread bracket holding u * W, then the column inside it
+    if (warp == 0) {
+        float A = 0.0f;
+        for (unsigned i = 0; i < NTHREADS / 32; ++i) A += sm_a[i];
+        const unsigned per = NTHREADS / 32;  // thread masses per lane
+        float loc = 0.0f;
+        for (unsigned i = 0; i < per; ++i) loc += sm_w[lane * per + i];
+        float inc = loc;  // inclusive scan over lanes
+        for (int off = 1; off < 32; off <<= 1) {
+            const float o = SHFL_UP(inc, off);
+            if ((int)lane >= off) inc += o;
+        }
+        const float W = SHFL_IDX(inc, 31);
+        const float target = fsdfm_uniform(s, 0u) * W;
+        // first lane whose inclusive mass passes the target (the last lane with mass if rounding
+        // leaves none)
+        int pick = (inc > target && loc > 0.0f) ? (int)lane : 32;
+        int last = loc > 0.0f ? (int)lane : -1;
+        for (int off = 16; off > 0; off >>= 1) {
+            pick = min(pick, SHFL_XOR(pick, off));
+            last = max(last, SHFL_XOR(last, off));
+        }
+        if (pick == 32) pick = last;
+        int dest = -1;
+        if (pick >= 0) {
+            // lane `pick` walks its threads' masses; everyone gets the thread k and the residual r
+            float r = target - (SHFL_IDX(inc, pick) - SHFL_IDX(loc, pick));
+            int k = -1;
+            if ((int)lane == pick) {
+                float rr = r;
+                for (unsigned i = 0; i < per; ++i) {
+                    const float w = sm_w[lane * per + i];
+                    if (w <= 0.0f) continue;
+                    k = (int)(lane * per + i);
+                    r = rr;
+                    if (rr < w) break;
+                    rr -= w;
+                }
+            }
+            k = SHFL_IDX(k, pick);
+            r = SHFL_IDX(r, pick);
+            // the simdgroup walks thread k's columns (k, k + NTHREADS, ...) 32 at a time
+            int seen = -1;
+            for (unsigned i0 = 0; (u64)k + (u64)i0 * NTHREADS < (u64)V; i0 += 32) {
+                const unsigned j = (unsigned)k + (i0 + lane) * NTHREADS;
+                float e = 0.0f;
+                if (j < (unsigned)V) {
+                    const float l = (float)logits[base + j];
+                    const bool d = !((MODE != 2 && (int)j == zr) || (int)j == BAN);
+                    if (l > NEG && d) e = FEXP(l - M);
+                }
+                float ps = e;
+                for (int off = 1; off < 32; off <<= 1) {
+                    const float o = SHFL_UP(ps, off);
+                    if ((int)lane >= off) ps += o;
+                }
+                int hit = (ps > r && e > 0.0f) ? (int)lane : 32;
+                int got = e > 0.0f ? (int)j : -1;
+                for (int off = 16; off > 0; off >>= 1) {
+                    hit = min(hit, SHFL_XOR(hit, off));
+                    got = max(got, SHFL_XOR(got, off));
+                }
+                if (got >= 0) seen = got;
+                if (hit < 32) { dest = (int)k + (int)((i0 + (unsigned)hit) * NTHREADS); break; }
+                r -= SHFL_IDX(ps, 31);
+            }
+            if (dest < 0) dest = seen;  // rounding ran past the last drawable column
+        }
+
+        // 4. the jump decision and the new token
+        if (lane == 0) {
+            int o = zr;
+            const bool ed = editable[row];
+            if (MODE == 2) {
+                if (ed && (MASK == V || zr == MASK) && dest >= 0) o = dest;
+            } else if (ed && dest >= 0 && W > 0.0f) {
+                const float one_minus_p_z = fmin(W / A, 1.0f);  // 1 - p_1t(z)
+                const float tt = t[0], hh = h[0], ex = expo[0];
+                const float k_t = EXP1 ? tt : PRECISE_POW(tt, ex);
+                float P;
+                if (MODE == 0) {
+                    // alpha = (ln(1 - k_t) - ln(1 - k_{t+h})) / (h + 1e-8), each 1 - k in [1e-8, 1]
+                    const float k_th = EXP1 ? tt + hh : PRECISE_POW(tt + hh, ex);
+                    const float alpha = (PRECISE_LOG(fmin(fmax(1.0f - k_t, 1e-8f), 1.0f))
+                                         - PRECISE_LOG(fmin(fmax(1.0f - k_th, 1e-8f), 1.0f)))
+                                        / (hh + 1e-8f);
+                    // P = 1 - exp(-h max(alpha (1 - p_z), 1e-12))
+                    P = fsdfm_one_minus_exp_neg(hh * fmax(alpha * one_minus_p_z, 1e-12f));
+                } else {
+                    // P = (1 - p_z) (1 - exp(-h kdot_t / (1 - k_t)))
+                    const float kdot = EXP1 ? 1.0f : ex * PRECISE_POW(tt, ex - 1.0f);
+                    P = one_minus_p_z * fsdfm_one_minus_exp_neg(hh * kdot / (1.0f - k_t));
+                }
+                if (fsdfm_uniform(s, 1u) < P) o = dest;
+            }
+            out[row] = o;
         }
     }
 """
 
-# Warp (simdgroup) reduction, then across the warps through shared (threadgroup) memory.
-_REDUCE = (
-    """
-    // warp, then block reduction of (m, acc) and (best, best_i)"""
-    + _COMBINE
-    + """    SHARED float sm_m[32], sm_a[32], sm_b[32];
-    SHARED int sm_i[32];
-    const unsigned lane = tid & 31u, warp = tid >> 5;
-    if (lane == 0) { sm_m[warp] = m; sm_a[warp] = acc; sm_b[warp] = best; sm_i[warp] = best_i; }
-    BARRIER;
-    if (warp == 0) {
-        const unsigned nw = NTHREADS / 32;
-        m = lane < nw ? sm_m[lane] : NEG;
-        acc = lane < nw ? sm_a[lane] : 0.0f;
-        best = lane < nw ? sm_b[lane] : NEG;
-        best_i = lane < nw ? sm_i[lane] : -1;"""
-    + _COMBINE.replace("\n    ", "\n        ")
-    + """    }
-"""
-)
-
-_CUDA_REDUCE = (
-    _REDUCE.replace("OFF_T", "int")
-    .replace("SHFL(", "__shfl_down_sync(0xffffffffu, ")
-    .replace("SHARED", "__shared__")
-    .replace("BARRIER", "__syncthreads()")
-)
-_METAL_REDUCE = (
-    _REDUCE.replace("OFF_T", "ushort")
-    .replace("SHFL(", "simd_shuffle_down(")
-    .replace("SHARED", "threadgroup")
-    .replace("BARRIER", "threadgroup_barrier(mem_flags::mem_threadgroup)")
-    .replace("warp, then block", "simdgroup, then threadgroup")
-)
-
 
 def _source(backend: str) -> tuple[str, str]:
-    consts = (
-        f"#define NTHREADS {THREADS}u\n#define GMAX {GUMBEL_MAX + 1e-3:.6f}f\n"
-        "#define NEG (-3.0e38f)\n"
-    )
+    consts = f"#define NTHREADS {THREADS}u\n#define NEG (-3.0e38f)\n"
     if backend == "cuda":
         header = (
             consts
-            + "#define FEXP __expf\n#define FLOG __logf\n#define PRECISE_LOG logf\n"
-            + "#define FMAX fmaxf\ntypedef unsigned long long u64;\n"
+            + "#define FEXP __expf\n#define PRECISE_EXP expf\n#define PRECISE_LOG logf\n"
+            + "#define PRECISE_POW powf\ntypedef unsigned long long u64;\n"
             + _HASH.replace("HASH_INLINE", "__device__ inline")
         )
         body = (
             _BODY.replace("ROW_ID", "blockIdx.x")
             .replace("THREAD_ID", "threadIdx.x")
-            .replace("REDUCE", _CUDA_REDUCE)
+            .replace("SHFL_XOR(", "__shfl_xor_sync(0xffffffffu, ")
+            .replace("SHFL_UP(", "__shfl_up_sync(0xffffffffu, ")
+            .replace("SHFL_IDX(", "__shfl_sync(0xffffffffu, ")
+            .replace("SHARED", "__shared__")
+            .replace("BARRIER", "__syncthreads()")
         )
         return header, body
     header = (
         consts
-        + "#define FEXP exp\n#define FLOG log\n#define PRECISE_LOG metal::precise::log\n"
-        + "#define FMAX fmax\ntypedef ulong u64;\n"
+        + "#define FEXP metal::fast::exp\n#define PRECISE_EXP metal::precise::exp\n"
+        + "#define PRECISE_LOG metal::precise::log\n#define PRECISE_POW metal::precise::pow\n"
+        + "typedef ulong u64;\n"
         + _HASH.replace("HASH_INLINE", "inline")
     )
     body = (
         _BODY.replace("ROW_ID", "threadgroup_position_in_grid.x")
         .replace("THREAD_ID", "thread_position_in_threadgroup.x")
-        .replace("REDUCE", _METAL_REDUCE)
-        .replace("ull", "ul")
+        .replace("SHFL_XOR(", "simd_shuffle_xor(")
+        .replace("SHFL_UP(", "simd_shuffle_up(")
+        .replace("SHFL_IDX(", "simd_shuffle(")
+        .replace("SHARED", "threadgroup")
+        .replace("BARRIER", "threadgroup_barrier(mem_flags::mem_threadgroup)")
     )
     return header, body
 
@@ -181,40 +251,59 @@ def backend() -> str | None:
     return None
 
 
-def _cpu_row_sample(logits, z, key, exclude_z, ban):
-    """The NumPy version: one inverse-CDF draw per row (float32 cumulative sums)."""
+def _np_one_minus_exp_neg(x: np.ndarray) -> np.ndarray:
+    return -np.expm1(-x)
+
+
+def _jump_probability(mode: str, one_minus_p_z, t: float, h: float, exponent: float):
+    """P(jump) of a non-final step from 1 - p_1t(z) (the rules in :mod:`fsdfm_mlx.solvers`)."""
+    k_t = t**exponent
+    if mode == "cumulative":
+        stay = lambda k: np.log(np.clip(1.0 - k, 1e-8, 1.0))  # noqa: E731
+        alpha = (stay(k_t) - stay((t + h) ** exponent)) / (h + 1e-8)
+        return _np_one_minus_exp_neg(h * np.maximum(alpha * one_minus_p_z, 1e-12))
+    kdot = 1.0 if exponent == 1.0 else exponent * t ** (exponent - 1.0)
+    return one_minus_p_z * _np_one_minus_exp_neg(h * kdot / (1.0 - k_t))
+
+
+def _cpu_step(logits, z, editable, key, mode, t, h, exponent, ban, mask_id):
+    """The NumPy version: exp, cumulative sums and one inverse-CDF draw per row (float32)."""
     *lead, V = logits.shape
     lg = np.asarray(logits.astype(mx.float32)).reshape(-1, V)
     zr = np.asarray(z).reshape(-1).astype(np.int64)
+    ed = np.asarray(editable).reshape(-1).astype(bool)
     rows = np.arange(lg.shape[0])
     m = lg.max(axis=-1, keepdims=True)
     e = np.exp(lg - m)  # [R, V]
-    lse = m[:, 0] + np.log(e.sum(axis=-1))
-    logit_z = lg[rows, zr]
-    if exclude_z:
+    total = e.sum(axis=-1)
+    if mode != "final":
         e[rows, zr] = 0.0
     if ban is not None:
         e[:, ban] = 0.0
     c = np.cumsum(e, axis=-1, out=e)
-    seed = np.asarray(key).astype(np.uint64)
-    u = np.random.default_rng(seed).random(lg.shape[0], dtype=np.float32)
+    drawable = c[:, -1]
+    rng = np.random.default_rng(np.asarray(key).astype(np.uint64))
+    u = rng.random((2, lg.shape[0]), dtype=np.float32)
     # first column whose cumulative weight exceeds u * total (the scale keeps u below the total)
-    target = (u * c[:, -1] * np.float32(1.0 - 2.0**-23))[:, None]
+    target = (u[0] * drawable * np.float32(1.0 - 2.0**-23))[:, None]
     dest = np.minimum((c <= target).sum(axis=-1), V - 1)
-    return (
-        mx.array(dest.astype(np.int32).reshape(lead)),
-        mx.array(lse.astype(np.float32).reshape(lead)),
-        mx.array(logit_z.astype(np.float32).reshape(lead)),
-    )
+    if mode == "final":
+        write = ed if mask_id is None else ed & (zr == mask_id)
+    else:
+        one_minus_p_z = np.minimum(drawable.astype(np.float64) / total, 1.0)
+        P = _jump_probability(mode, one_minus_p_z, float(t), float(h), exponent)
+        write = ed & (drawable > 0) & (u[1] < P)
+    out = np.where(write, dest, zr).astype(np.int32)
+    return mx.array(out.reshape(lead))
 
 
 @functools.lru_cache(maxsize=2)
 def _kernel(which: str):
     header, body = _source(which)
     names = dict(
-        name="fsdfm_row_sample",
-        input_names=["logits", "z", "seed"],
-        output_names=["dest", "lse", "logit_z"],
+        name="fsdfm_step",
+        input_names=["logits", "z", "editable", "seed", "t", "h", "expo"],
+        output_names=["out"],
         source=body,
         header=header,
     )
@@ -223,55 +312,88 @@ def _kernel(which: str):
     return mx.fast.metal_kernel(**names)
 
 
-def row_sample(
-    logits: mx.array, z: mx.array, key: mx.array, *, exclude_z: bool, ban: int | None = None
-) -> tuple[mx.array, mx.array, mx.array]:
-    """One fused pass per row: ``(dest, lse, logit_z)`` (GPU kernel, or NumPy on a CPU device).
+@functools.lru_cache(maxsize=8)
+def _exponent_array(exponent: float) -> mx.array:
+    return mx.array([exponent], dtype=mx.float32)
+
+
+def fused_step(
+    logits: mx.array,
+    z: mx.array,
+    editable: mx.array,
+    key: mx.array,
+    *,
+    mode: str,
+    t: float | mx.array = 0.0,
+    h: float | mx.array = 0.0,
+    exponent: float = 1.0,
+    ban: int | None = None,
+    mask_id: int | None = None,
+) -> mx.array:
+    """One solver step for every position in one fused pass (GPU kernel, or NumPy on a CPU device).
 
     Args:
-        logits: [..., V] logits (float32, float16 or bfloat16).
-        z: [...] int current tokens.
-        key: a PRNG key (``mx.random.key``), uint32 [2].
-        exclude_z: draw ``dest`` from the logits with column ``z`` removed (a jump's destination);
-            False draws from all columns (``x_1 ~ p_1t``).
-        ban: a column never drawn (None = none).
+        logits: [..., V] logits of ``p_1t`` (float32, float16 or bfloat16).
+        z: [...] int current tokens ``x_t``.
+        editable: [...] bool, False where a position never changes.
+        key: a PRNG key (``mx.random.key``), uint32 [2]; the step is a pure function of it.
+        mode: ``"cumulative"`` (``mixture_euler_with_cumulative_scalar``), ``"dfm_euler"`` (a
+            non-final step: jump with that solver's probability to ``x ~ p_1t`` without ``z``) or
+            ``"final"`` (``x_1 ~ p_1t``).
+        t: the current time (a float or a 0-d / [1] float32 array).
+        h: the step size (likewise).
+        exponent: the polynomial scheduler's exponent (``k_t = t ** exponent``).
+        ban: a column never drawn (the mask column at a mask-source final step), or None.
+        mask_id: final step only: write only positions that hold this token (None = all).
 
     Returns:
-        ``dest`` [...] int32 (a Gumbel-max draw), ``lse`` [...] float32 (logsumexp over V) and
-        ``logit_z`` [...] float32 (the logit of ``z``).
+        [...] int32 tokens after the step (lazy).
     """
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
     which = backend()
     if which is None:
-        raise RuntimeError("the fused row sampler is switched off (FSDFM_MLX_SAMPLER=portable)")
+        raise RuntimeError("the fused sampler is switched off (FSDFM_MLX_SAMPLER=portable)")
     if which == "cpu":
-        return _cpu_row_sample(logits, z, key, exclude_z, ban)
+        return _cpu_step(logits, z, editable, key, mode, t, h, exponent, ban, mask_id)
     *lead, V = logits.shape
     R = math.prod(lead)
-    out = _kernel(which)(
-        inputs=[logits.reshape(R, V), z.reshape(R).astype(mx.int32), key.astype(mx.uint32)],
+    (out,) = _kernel(which)(
+        inputs=[
+            logits.reshape(R, V),
+            z.reshape(R).astype(mx.int32),
+            mx.broadcast_to(editable, z.shape).reshape(R),
+            key.astype(mx.uint32),
+            mx.array(t, dtype=mx.float32).reshape(1),
+            mx.array(h, dtype=mx.float32).reshape(1),
+            _exponent_array(float(exponent)),
+        ],
         template=[
             ("T", logits.dtype),
             ("V", V),
-            ("EXCLUDE_Z", bool(exclude_z)),
+            ("MODE", MODES[mode]),
             ("BAN", V if ban is None else int(ban)),
+            ("MASK", V if mask_id is None else int(mask_id)),
+            ("EXP1", float(exponent) == 1.0),
         ],
         grid=(R * THREADS, 1, 1),
         threadgroup=(THREADS, 1, 1),
-        output_shapes=[(R,), (R,), (R,)],
-        output_dtypes=[mx.int32, mx.float32, mx.float32],
+        output_shapes=[(R,)],
+        output_dtypes=[mx.int32],
     )
-    return tuple(o.reshape(lead) for o in out)
+    return out.reshape(lead)
 
 
 _CHECKED: dict[str, bool] = {}
 
 
 def available() -> bool:
-    """True when the fused kernel runs here and passed its first-use self-check.
+    """True when the fused step runs here and passed its first-use self-check.
 
-    The self-check compares ``lse`` and ``logit_z`` with MLX ops on random logits, checks that
-    ``dest`` is a valid column other than ``z``, and that a row with one dominant logit draws it.
-    A kernel that fails (or does not compile) is reported once and the portable path is used.
+    The self-check runs a cumulative-scalar step that must jump everywhere on rows whose current
+    token has probability ~0, and must land on a dominant column; a final step on the same rows; and
+    checks frozen positions stay. A kernel that fails (or does not compile) is reported once and the
+    portable path is used.
     """
     which = backend()
     if which is None:
@@ -283,25 +405,18 @@ def available() -> bool:
 
 def _self_check() -> bool:
     try:
-        k = mx.random.key(1234)
         R, V = 64, 1000
-        logits = mx.random.normal((R, V), key=k) * 3.0
+        logits = mx.random.normal((R, V), key=mx.random.key(1234)) * 3.0
         z = mx.random.randint(0, V, (R,), key=mx.random.key(1))
         winner = (z + 1) % V
-        # rows 0..7: one logit far above the rest, so the draw is (almost surely) that column
-        boost = (mx.arange(V)[None] == winner[:, None]) & (mx.arange(R)[:, None] < 8)
-        logits = mx.where(boost, 60.0, logits)
-        dest, lse, logit_z = row_sample(logits, z, mx.random.key(7), exclude_z=True)
-        ref_lse = mx.logsumexp(logits, axis=-1)
-        ref_z = mx.take_along_axis(logits, z[:, None], axis=-1)[:, 0]
-        mx.eval(dest, lse, logit_z, ref_lse, ref_z)
-        ok = (
-            bool(mx.allclose(lse, ref_lse, rtol=1e-4, atol=1e-3).item())
-            and bool(mx.array_equal(logit_z, ref_z).item())
-            and bool(((dest >= 0) & (dest < V) & (dest != z)).all().item())
-            and bool(mx.array_equal(dest[:8], winner[:8]).item())
-        )
-        if not ok:
+        # one logit far above the rest: p(z) ~ 0, so a near-final step jumps, to that column
+        logits = mx.where(mx.arange(V)[None] == winner[:, None], 60.0, logits)
+        editable = mx.arange(R) != 5
+        step = fused_step(logits, z, editable, mx.random.key(7), mode="cumulative", t=0.5, h=0.5)
+        final = fused_step(logits, z, editable, mx.random.key(8), mode="final")
+        mx.eval(step, final)
+        want = mx.where(editable, winner, z)
+        if not (mx.array_equal(step, want).item() and mx.array_equal(final, want).item()):
             raise RuntimeError("results differ from the reference")
         return True
     except Exception as e:  # noqa: BLE001 - any failure means: use the portable path

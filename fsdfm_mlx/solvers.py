@@ -10,13 +10,13 @@ Every update works from the logits alone: ``logsumexp`` over V, the current toke
 (a gather), and ONE Gumbel-max draw over the logits with ``z`` excluded for the destination. No
 [B, L, V] one-hot is built and nothing leaves the device: the step is a pure function of
 ``(logits, x_t, editable, t, h, key)`` compiled with ``mx.compile``; random keys are passed in.
-``mixture_euler_with_cumulative_scalar`` and ``dfm_euler`` (without filters) instead do the V-wide
-part in one fused pass per position (:mod:`fsdfm_mlx.kernels`: a CUDA/Metal kernel on a GPU, NumPy on
-a CPU device): same distribution, a different random stream.
+``mixture_euler_with_cumulative_scalar`` and ``dfm_euler`` (without filters) instead run the whole
+step in one fused pass per position (:mod:`fsdfm_mlx.kernels`: a CUDA/Metal kernel on a GPU, NumPy on
+a CPU device; inverse-CDF draws): same distribution, a different random stream.
 
-Draws are Gumbel-max in float32 (the official code draws categoricals with ``torch.multinomial`` in
-float64). The two agree in distribution up to events of probability ~1e-7 per draw (the float32
-Gumbel noise is bounded above by ~16.6).
+Draws are in float32 (the official code draws categoricals with ``torch.multinomial`` in float64).
+The two agree in distribution up to events of probability ~1e-7 per draw (the float32 Gumbel noise
+of the portable path is bounded above by ~16.6; the fused path's uniforms have 24 bits).
 
 Extensions (all off by default) act on the logits *before* ``p_1t`` is formed, at every step and
 for every quantity derived from ``p_1t`` (the jump probability as well as the destination):
@@ -311,48 +311,19 @@ def _kernel_applies(cfg: _StepConfig) -> bool:
     return cfg.solver in _KERNEL_SOLVERS and not cfg.options.active and kernels.available()
 
 
-def _jump_update(
-    cfg: _StepConfig,
-    dest: mx.array,
-    lse: mx.array,
-    logit_z: mx.array,
-    x_t: mx.array,
-    editable: mx.array,
-    t: mx.array,
-    h: mx.array,
-    key: mx.array,
-) -> mx.array:
-    """The [B, L] half of a non-final step, given the kernel's per-position results."""
-    log_p_z = logit_z - lse  # log p_1t(z)
-    jump_prob = _jump_probability(cfg.solver, None, None, log_p_z, t, h, cfg.exponent, False)
-    jump = (mx.random.uniform(shape=x_t.shape, key=key) < jump_prob) & editable
-    jump = jump & (log_p_z < 0)  # p_1t(z) == 1: nowhere else to go
-    return mx.where(jump, dest.astype(x_t.dtype), x_t)
-
-
-def _final_update(cfg: _StepConfig, x_1: mx.array, x_t: mx.array, editable: mx.array) -> mx.array:
-    write = editable
-    if cfg.solver in STUDENT_SOLVERS and cfg.mask_id is not None:
-        write = write & (x_t == cfg.mask_id)  # only positions still holding the mask
-    return mx.where(write, x_1.astype(x_t.dtype), x_t)
-
-
-@functools.lru_cache(maxsize=64)
-def _compiled_update(cfg: _StepConfig):
-    fn = _final_update if cfg.final else _jump_update
-    return mx.compile(functools.partial(fn, cfg))
-
-
 def _kernel_step(cfg: _StepConfig, logits, x_t, editable, t, h, key) -> mx.array:
-    """The step with the V-wide work in one fused pass per row (see :mod:`fsdfm_mlx.kernels`)."""
-    k_dest, k_jump = mx.random.split(key)
+    """The whole step in one fused pass per position (see :mod:`fsdfm_mlx.kernels`)."""
     if cfg.final:
-        # x_1 ~ p_1t; an FS-DFM solver with a mask source never draws the mask column
-        ban = cfg.mask_id if cfg.solver in STUDENT_SOLVERS else None
-        x_1, _, _ = kernels.row_sample(logits, x_t, k_dest, exclude_z=False, ban=ban)
-        return _compiled_update(cfg)(x_1, x_t, editable)
-    dest, lse, logit_z = kernels.row_sample(logits, x_t, k_dest, exclude_z=True)
-    return _compiled_update(cfg)(dest, lse, logit_z, x_t, editable, t, h, k_jump)
+        # x_1 ~ p_1t; an FS-DFM solver with a mask source never draws the mask column and only
+        # writes positions still holding the mask
+        mask = cfg.mask_id if cfg.solver in STUDENT_SOLVERS else None
+        out = kernels.fused_step(logits, x_t, editable, key, mode="final", ban=mask, mask_id=mask)
+    else:
+        mode = "cumulative" if cfg.solver == CUMULATIVE else "dfm_euler"
+        out = kernels.fused_step(
+            logits, x_t, editable, key, mode=mode, t=t, h=h, exponent=cfg.exponent
+        )
+    return out if out.dtype == x_t.dtype else out.astype(x_t.dtype)
 
 
 def sample_step(

@@ -313,14 +313,44 @@ def trajectory_targets(s: Settings, student, teacher, B: int, device, ac):
     return x_t, t_0, dt, x, n, k
 
 
+def read_mlx_folder_torch(path: str) -> dict[str, torch.Tensor]:
+    """A converted MLX folder as a float32 state dict, with torch alone (no MLX needed).
+
+    MLX's affine quantization: ``w = scales * q + biases`` (in the scales' dtype) per group of ``group_size`` inputs, ``q``
+    packed little-endian into uint32 words (``32 // bits`` values each).
+    """
+    from safetensors.torch import load_file
+
+    folder = Path(path)
+    q = json.loads((folder / "config.json").read_text()).get("quantization") or {}
+    raw = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        raw.update(load_file(f))
+    out = {}
+    for k, v in raw.items():
+        if k.endswith((".scales", ".biases")):
+            continue
+        name = k[: -len(".weight")] if k.endswith(".weight") else None
+        if name is None or f"{name}.scales" not in raw:
+            out[k] = v.float()
+            continue
+        layer = q.get(name) if isinstance(q.get(name), dict) else q
+        bits, gs = int(layer["bits"]), int(layer["group_size"])
+        shifts = torch.arange(0, 32, bits, dtype=torch.int64)
+        words = v.to(torch.int64) & 0xFFFFFFFF  # [O, I * bits / 32]
+        vals = ((words[..., None] >> shifts) & ((1 << bits) - 1)).flatten(-2)  # [O, I]
+        scales, biases = raw[f"{name}.scales"], raw[f"{name}.biases"]
+        # in the scales' dtype, as MLX's dequantize computes it
+        vals = vals.to(scales.dtype).unflatten(-1, (-1, gs)) * scales[..., None] + biases[..., None]
+        out[k] = vals.flatten(-2).float()
+    return out
+
+
 def load_teacher(s: Settings, work: Path, device, teacher_mlx: str | None):
     """The teacher: ``<work>/teacher.pth``, or a converted MLX folder (dequantized to float32)."""
     teacher = FSDFMTorch(model_args(s, student=False)).to(device)
     if teacher_mlx:
-        from fsdfm_mlx.convert.torch_model import read_mlx_folder
-
-        _, state = read_mlx_folder(teacher_mlx)
-        teacher.load_state_dict(state)
+        teacher.load_state_dict(read_mlx_folder_torch(teacher_mlx))
     else:
         ck = torch.load(work / "teacher.pth", map_location=device, weights_only=True)
         teacher.load_state_dict(ck["model"])
@@ -338,9 +368,7 @@ def train_student(
     # the student starts from the teacher's weights; dt embedding and fusers are new
     missing, _ = student.load_state_dict(teacher.state_dict(), strict=False)
     if init_mlx:  # or from an already distilled student (a converted MLX folder)
-        from fsdfm_mlx.convert.torch_model import read_mlx_folder
-
-        student.load_state_dict(read_mlx_folder(init_mlx)[1])
+        student.load_state_dict(read_mlx_folder_torch(init_mlx))
     ema = FSDFMTorch(model_args(s, student=True)).to(device)
     ema.load_state_dict(student.state_dict())
     ema.eval().requires_grad_(False)
