@@ -45,6 +45,9 @@ def eval_command(
     length: int | None = typer.Option(None, "--length", help="Tokens per passage."),
     solver: str | None = typer.Option(None, "--solver", help="Solver (default: the model's)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
+    temp: float = typer.Option(1.0, "--temp", help="Temperature on the logits (0 = argmax)."),
+    top_k: int | None = typer.Option(None, "--top-k", help="Keep the k most likely tokens."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus filter, in (0, 1]."),
     evaluator: str = typer.Option(
         "gpt2-large",
         "--evaluator",
@@ -90,6 +93,9 @@ def eval_command(
             seed=seed,
             evaluator=evaluator,
             reference_text=reference,
+            temp=temp,
+            top_k=top_k,
+            top_p=top_p,
             progress=not json_out,
             group=group,
         )
@@ -119,6 +125,9 @@ def _print_table(result: dict) -> None:
         f"{result['model'] or 'model'}: {result['num_samples']} x {result['length']} tokens, "
         f"{result['solver']}, seed {result['seed']}, evaluator {result['evaluator']}"
     )
+    knobs = {k: v for k, v in (result.get("sampling") or {}).items() if v not in (None, 1.0)}
+    if knobs:
+        title += ", " + ", ".join(f"{k} {v}" for k, v in knobs.items())
     t = Table(title=title)
     for name in ("steps", "gen ppl", "entropy (bits)", "tokens/s", "seconds"):
         t.add_column(name, justify="right")

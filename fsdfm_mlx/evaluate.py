@@ -222,6 +222,9 @@ def evaluate(
     seed: int | None = 0,
     evaluator=DEFAULT_EVALUATOR,
     reference_text: str | Path | None = None,
+    temp: float = 1.0,
+    top_k: int | None = None,
+    top_p: float = 1.0,
     progress: bool = True,
     tokenizer=None,
     group=None,
@@ -240,6 +243,9 @@ def evaluate(
             already loaded ``(model, tokenizer)`` pair.
         reference_text: a ``.npy`` of token ids or a text file: adds a ``reference`` row for real
             text cut into ``num_samples`` windows of the same length.
+        temp: sampling temperature (1.0 = the model's own distribution), as in ``generate``.
+        top_k: keep the k most likely tokens at every draw (None = off).
+        top_p: nucleus filter at every draw (1.0 = off).
         progress: show a progress bar (on rank 0).
         tokenizer: the FS-DFM tokenizer (unused; accepted for symmetry with ``generate``).
         group: the distributed group (default: ``mx.distributed.init()``, a group of one outside
@@ -258,6 +264,10 @@ def evaluate(
     """
     del tokenizer
     from .generate import check_solver, generate_step, resolve_seed
+    from .solvers import SamplerOptions
+
+    SamplerOptions(temperature=temp, top_k=top_k, top_p=top_p)  # checks the values
+    sampling = dict(temp=temp, top_k=top_k, top_p=top_p)
 
     step_list = _parse_steps(steps)
     _check_positive(num_samples, "num_samples")
@@ -294,7 +304,13 @@ def evaluate(
         bar = _progress(progress and rank == 0, n_tasks)
         # one untimed step first, so that the first row does not pay for warm-up
         warm = generate_step(
-            fs_model, batch_size=sizes[0], length=L, steps=1, solver=used_solver, seed=seed
+            fs_model,
+            batch_size=sizes[0],
+            length=L,
+            steps=1,
+            solver=used_solver,
+            seed=seed,
+            **sampling,
         )
         deque(warm, maxlen=0)
         local: dict = {}
@@ -309,6 +325,7 @@ def evaluate(
                     steps=s,
                     solver=used_solver,
                     seed=distributed.chunk_seed(seed, c),
+                    **sampling,
                 )
                 state = deque(gen, maxlen=1)[0]
                 seconds += time.perf_counter() - tic
@@ -354,6 +371,7 @@ def evaluate(
         "batch_size": batch_size,
         "solver": used_solver,
         "seed": seed,
+        "sampling": sampling,
         "ranks": group.size(),
         "rows": rows,
         "reference": reference_row,

@@ -161,6 +161,21 @@ def test_evaluate_micro_model(micro_models, evaluator, tmp_path):
     np.testing.assert_allclose(res["rows"][1]["entropy"], token_entropy_bits(toks), rtol=1e-6)
 
 
+def test_evaluate_passes_sampling_options(micro_models, evaluator):
+    model, _ = fsdfm_mlx.load(micro_models["uniform-student"])
+    kw = dict(num_samples=4, batch_size=2, seed=3, evaluator=evaluator, progress=False, steps=4)
+    from fsdfm_mlx.distributed import generate_tokens
+
+    res = evaluate(model, temp=0.5, top_k=3, **kw)
+    assert res["sampling"] == {"temp": 0.5, "top_k": 3, "top_p": 1.0}
+    toks = generate_tokens(model, num_samples=4, batch_size=2, seed=3, steps=4, temp=0.5, top_k=3)
+    plain = generate_tokens(model, num_samples=4, batch_size=2, seed=3, steps=4)
+    assert not np.array_equal(toks, plain)  # the options change the samples ...
+    np.testing.assert_allclose(res["rows"][0]["entropy"], token_entropy_bits(toks), rtol=1e-6)
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        evaluate(model, temp=-1.0, **kw)  # ... and bad values are refused before any work
+
+
 @pytest.fixture(scope="module")
 def cli():
     app = typer.Typer()
@@ -186,6 +201,9 @@ def test_cli_json_and_table(cli, micro_models, tiny_evaluator, tmp_path):
     table = cli(*args)
     assert table.exit_code == 0, table.output
     assert "gen ppl" in table.stdout and "entropy" in table.stdout
+    cooled = cli(*args, "--temp", 0.7)
+    assert cooled.exit_code == 0, cooled.output
+    assert "temp 0.7" in cooled.stdout
 
 
 @pytest.mark.parametrize(
@@ -197,6 +215,7 @@ def test_cli_json_and_table(cli, micro_models, tiny_evaluator, tmp_path):
         (("--solver", "dfm_euler"), "needs a model without step-size conditioning"),
         (("--reference", "nothing.npy"), "no reference text at"),
         (("--evaluator", "/no/such/evaluator"), "cannot load the evaluator"),
+        (("--top-p", 0), "top_p must be in (0, 1]"),
     ],
 )
 def test_cli_bad_input_is_one_line(cli, micro_models, tiny_evaluator, args, text):
