@@ -285,8 +285,9 @@ def _cpu_step(logits, z, editable, key, mode, t, h, exponent, ban, mask_id):
     rng = np.random.default_rng(np.asarray(key).astype(np.uint64))
     u = rng.random((2, lg.shape[0]), dtype=np.float32)
     # first column whose cumulative weight exceeds u * total (the scale keeps u below the total)
-    target = (u[0] * drawable * np.float32(1.0 - 2.0**-23))[:, None]
-    dest = np.minimum((c <= target).sum(axis=-1), V - 1)
+    target = u[0] * drawable * np.float32(1.0 - 2.0**-23)
+    dest = np.array([np.searchsorted(c[r], target[r], side="right") for r in rows])
+    dest = np.minimum(dest, V - 1)
     if mode == "final":
         write = ed if mask_id is None else ed & (zr == mask_id)
     else:
