@@ -58,7 +58,8 @@ HASH_INLINE float fsdfm_one_minus_exp_neg(float x) {
 # 2 final), BAN (a column never drawn; V = none), MASK (final step: only positions holding this
 # token are written; V = all), EXP1 (the scheduler exponent is 1). Template values must be
 # non-negative: they become part of the kernel's name.
-# Inputs: logits [R, V], z [R] int32, editable [R] bool, seed [2] uint32, t [1], h [1], expo [1].
+# Inputs: logits [R, V], z [R] int32, editable [R] bool, seed [2] uint32, t [1], h [1], expo [1],
+# inv_temp [1] (the logits are multiplied by it: 1 / temperature).
 # Output: out [R] int32, the position's token after the step.
 _BODY = """
     const unsigned row = ROW_ID;
@@ -73,7 +74,7 @@ _BODY = """
     // NEG (a huge finite negative) stands for -inf: no infinities, so fast math stays exact
     float m = NEG, acc = 0.0f, accd = 0.0f;
     for (unsigned j = tid; j < (unsigned)V; j += NTHREADS) {
-        const float l = (float)logits[base + j];
+        const float l = (float)logits[base + j] * inv_temp[0];
         if (l <= NEG) continue;  // a removed column (-inf)
         const bool d = !((MODE != 2 && (int)j == zr) || (int)j == BAN);
         if (l > m) {
@@ -146,7 +147,7 @@ _BODY = """
                 const unsigned j = (unsigned)k + (i0 + lane) * NTHREADS;
                 float e = 0.0f;
                 if (j < (unsigned)V) {
-                    const float l = (float)logits[base + j];
+                    const float l = (float)logits[base + j] * inv_temp[0];
                     const bool d = !((MODE != 2 && (int)j == zr) || (int)j == BAN);
                     if (l > NEG && d) e = FEXP(l - M);
                 }
@@ -266,10 +267,12 @@ def _jump_probability(mode: str, one_minus_p_z, t: float, h: float, exponent: fl
     return one_minus_p_z * _np_one_minus_exp_neg(h * kdot / (1.0 - k_t))
 
 
-def _cpu_step(logits, z, editable, key, mode, t, h, exponent, ban, mask_id):
+def _cpu_step(logits, z, editable, key, mode, t, h, exponent, ban, mask_id, temperature):
     """The NumPy version: exp, cumulative sums and one inverse-CDF draw per row (float32)."""
     *lead, V = logits.shape
     lg = np.asarray(logits.astype(mx.float32)).reshape(-1, V)
+    if temperature != 1.0:
+        lg = lg * np.float32(1.0 / temperature)
     zr = np.asarray(z).reshape(-1).astype(np.int64)
     ed = np.asarray(editable).reshape(-1).astype(bool)
     rows = np.arange(lg.shape[0])
@@ -303,7 +306,7 @@ def _kernel(which: str):
     header, body = _source(which)
     names = dict(
         name="fsdfm_step",
-        input_names=["logits", "z", "editable", "seed", "t", "h", "expo"],
+        input_names=["logits", "z", "editable", "seed", "t", "h", "expo", "inv_temp"],
         output_names=["out"],
         source=body,
         header=header,
@@ -313,9 +316,10 @@ def _kernel(which: str):
     return mx.fast.metal_kernel(**names)
 
 
-@functools.lru_cache(maxsize=8)
-def _exponent_array(exponent: float) -> mx.array:
-    return mx.array([exponent], dtype=mx.float32)
+@functools.lru_cache(maxsize=16)
+def _scalar_array(value: float) -> mx.array:
+    """A [1] float32 constant, made once per value (no per-step upload)."""
+    return mx.array([value], dtype=mx.float32)
 
 
 def fused_step(
@@ -330,6 +334,7 @@ def fused_step(
     exponent: float = 1.0,
     ban: int | None = None,
     mask_id: int | None = None,
+    temperature: float = 1.0,
 ) -> mx.array:
     """One solver step for every position in one fused pass (GPU kernel, or NumPy on a CPU device).
 
@@ -346,17 +351,21 @@ def fused_step(
         exponent: the polynomial scheduler's exponent (``k_t = t ** exponent``).
         ban: a column never drawn (the mask column at a mask-source final step), or None.
         mask_id: final step only: write only positions that hold this token (None = all).
+        temperature: ``p_1t`` is the softmax of ``logits / temperature`` (> 0), for the jump
+            probability as well as the destination.
 
     Returns:
         [...] int32 tokens after the step (lazy).
     """
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose one of: {', '.join(MODES)}")
+    if not temperature > 0:
+        raise ValueError(f"the fused step needs a temperature > 0, got {temperature!r}")
     which = backend()
     if which is None:
         raise RuntimeError("the fused sampler is switched off (FSDFM_MLX_SAMPLER=portable)")
     if which == "cpu":
-        return _cpu_step(logits, z, editable, key, mode, t, h, exponent, ban, mask_id)
+        return _cpu_step(logits, z, editable, key, mode, t, h, exponent, ban, mask_id, temperature)
     *lead, V = logits.shape
     R = math.prod(lead)
     (out,) = _kernel(which)(
@@ -367,7 +376,8 @@ def fused_step(
             key.astype(mx.uint32),
             mx.array(t, dtype=mx.float32).reshape(1),
             mx.array(h, dtype=mx.float32).reshape(1),
-            _exponent_array(float(exponent)),
+            _scalar_array(float(exponent)),
+            _scalar_array(1.0 / float(temperature)),
         ],
         template=[
             ("T", logits.dtype),

@@ -10,8 +10,8 @@ Every update works from the logits alone: ``logsumexp`` over V, the current toke
 (a gather), and ONE Gumbel-max draw over the logits with ``z`` excluded for the destination. No
 [B, L, V] one-hot is built and nothing leaves the device: the step is a pure function of
 ``(logits, x_t, editable, t, h, key)`` compiled with ``mx.compile``; random keys are passed in.
-``mixture_euler_with_cumulative_scalar`` and ``dfm_euler`` (without filters) instead run the whole
-step in one fused pass per position (:mod:`fsdfm_mlx.kernels`: a CUDA/Metal kernel on a GPU, NumPy on
+``mixture_euler_with_cumulative_scalar`` and ``dfm_euler`` (with a temperature, but without top-k /
+top-p) instead run the whole step in one fused pass per position (:mod:`fsdfm_mlx.kernels`: a CUDA/Metal kernel on a GPU, NumPy on
 a CPU device; inverse-CDF draws): same distribution, a different random stream.
 
 Draws are in float32 (the official code draws categoricals with ``torch.multinomial`` in float64).
@@ -308,20 +308,24 @@ _KERNEL_SOLVERS = (CUMULATIVE, DFM_EULER)
 
 
 def _kernel_applies(cfg: _StepConfig) -> bool:
-    return cfg.solver in _KERNEL_SOLVERS and not cfg.options.active and kernels.available()
+    # temperature is applied inside the fused step; top-k / top-p / argmax are not
+    return cfg.solver in _KERNEL_SOLVERS and not cfg.options.filters and kernels.available()
 
 
 def _kernel_step(cfg: _StepConfig, logits, x_t, editable, t, h, key) -> mx.array:
     """The whole step in one fused pass per position (see :mod:`fsdfm_mlx.kernels`)."""
+    temp = float(cfg.options.temperature)
     if cfg.final:
         # x_1 ~ p_1t; an FS-DFM solver with a mask source never draws the mask column and only
         # writes positions still holding the mask
         mask = cfg.mask_id if cfg.solver in STUDENT_SOLVERS else None
-        out = kernels.fused_step(logits, x_t, editable, key, mode="final", ban=mask, mask_id=mask)
+        out = kernels.fused_step(
+            logits, x_t, editable, key, mode="final", ban=mask, mask_id=mask, temperature=temp
+        )
     else:
         mode = "cumulative" if cfg.solver == CUMULATIVE else "dfm_euler"
         out = kernels.fused_step(
-            logits, x_t, editable, key, mode=mode, t=t, h=h, exponent=cfg.exponent
+            logits, x_t, editable, key, mode=mode, t=t, h=h, exponent=cfg.exponent, temperature=temp
         )
     return out if out.dtype == x_t.dtype else out.astype(x_t.dtype)
 
@@ -360,8 +364,9 @@ def sample_step(
         compile: use the ``mx.compile``d step (False runs the same graph eagerly).
         fused: do the V-wide work in one fused pass per position (GPU kernel, or NumPy on a CPU
             device; see :mod:`fsdfm_mlx.kernels`) when the solver allows it
-            (``mixture_euler_with_cumulative_scalar`` and ``dfm_euler`` without temperature /
-            top-k / top-p). Same distribution, different random stream from the portable path.
+            (``mixture_euler_with_cumulative_scalar`` and ``dfm_euler``, with any temperature > 0
+            but without top-k / top-p). Same distribution, different random stream from the
+            portable path.
 
     Returns:
         [B, L] tokens ``x_{t+h}`` (same dtype as ``x_t``), lazy.

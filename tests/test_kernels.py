@@ -23,9 +23,9 @@ def _softmax(x):
     return p / p.sum(-1, keepdims=True)
 
 
-def _exact(mode, base, z, t, h):
+def _exact(mode, base, z, t, h, temperature=1.0):
     """[R, V] float64: the distribution of the token after one step from z (the solvers' rules)."""
-    p = _softmax(base.astype(np.float64))
+    p = _softmax(base.astype(np.float64) / temperature)
     rows = np.arange(len(z))
     if mode == "final":
         return p
@@ -100,19 +100,23 @@ def test_unknown_mode():
 
 
 @pytest.mark.parametrize(
-    ("mode", "t", "h"),
-    [("final", 0.0, 0.0), ("cumulative", 0.5, 0.125), ("cumulative", 0.0, 0.5), ("dfm_euler", 0.25, 0.25)],
+    ("mode", "t", "h", "temp"),
+    [("final", 0.0, 0.0, 1.0), ("cumulative", 0.5, 0.125, 1.0), ("cumulative", 0.0, 0.5, 1.0),
+     ("dfm_euler", 0.25, 0.25, 1.0), ("cumulative", 0.5, 0.125, 0.7), ("final", 0.0, 0.0, 1.5)],
 )  # fmt: skip
-def test_steps_follow_the_exact_distribution(mode, t, h):
+def test_steps_follow_the_exact_distribution(mode, t, h, temp):
     # 4 rows with different shapes of p (the last two: z is the likeliest token); 200,000 draws each
     V = 11
     rng = np.random.default_rng(0)
     base = rng.normal(size=(4, V)).astype(np.float32) * np.array([[0.3], [1.0], [3.0], [8.0]])
     z = np.array([0, 3, int(base[2].argmax()), int(base[3].argmax())], dtype=np.int32)
-    got = _draw_counts(base, z, 4, 50_000, seed=100, mode=mode, t=t, h=h)
-    tv = 0.5 * np.abs(got - _exact(mode, base, z, t, h)).sum(-1)
+    got = _draw_counts(base, z, 4, 50_000, seed=100, mode=mode, t=t, h=h, temperature=temp)
+    tv = 0.5 * np.abs(got - _exact(mode, base, z, t, h, temp)).sum(-1)
     which = kernels.backend()
-    report(f"fused step ({which}, {mode}, t={t}, h={h}, 200k draws/row): max TV {tv.max():.4f}")
+    report(
+        f"fused step ({which}, {mode}, t={t}, h={h}, temp={temp}, 200k draws/row): "
+        f"max TV {tv.max():.4f}"
+    )
     assert tv.max() < 0.01  # 200k draws over 11 columns: sampling noise is ~0.003
 
 
@@ -213,3 +217,16 @@ def test_solver_step_takes_the_kernel_path(monkeypatch):
         logits, x, 0.5, 0.25, mx.random.key(1), solver=solvers.CUMULATIVE, fused=False
     )
     assert calls == ["cumulative", "final", "dfm_euler", "final"]
+    # a temperature stays on the fused path; top-k / top-p / argmax take the portable one
+    for opts, fused in [({"temperature": 0.8}, True), ({"top_k": 5}, False), ({"top_p": 0.9}, False),
+                        ({"temperature": 0.0}, False)]:  # fmt: skip
+        calls.clear()
+        solvers.sample_step(
+            logits, x, 0.5, 0.25, mx.random.key(1), solver=solvers.CUMULATIVE,
+            options=solvers.SamplerOptions(**opts),
+        )  # fmt: skip
+        assert calls == (["cumulative"] if fused else [])
+    with pytest.raises(ValueError, match="temperature > 0"):
+        kernels.fused_step(
+            logits, x, mx.ones(x.shape, mx.bool_), mx.random.key(0), mode="final", temperature=0.0
+        )
