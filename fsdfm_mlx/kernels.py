@@ -240,7 +240,7 @@ def _source(backend: str) -> tuple[str, str]:
 
 
 def backend() -> str | None:
-    """Where the fused row sampler runs: ``"cuda"``, ``"metal"``, ``"cpu"`` (NumPy), or None."""
+    """Where the fused step runs: ``"cuda"``, ``"metal"``, ``"cpu"`` (NumPy), or None."""
     if os.environ.get("FSDFM_MLX_SAMPLER", "").lower() == "portable":
         return None
     if mx.default_device() != mx.gpu:
@@ -252,19 +252,15 @@ def backend() -> str | None:
     return None
 
 
-def _np_one_minus_exp_neg(x: np.ndarray) -> np.ndarray:
-    return -np.expm1(-x)
-
-
 def _jump_probability(mode: str, one_minus_p_z, t: float, h: float, exponent: float):
     """P(jump) of a non-final step from 1 - p_1t(z) (the rules in :mod:`fsdfm_mlx.solvers`)."""
     k_t = t**exponent
     if mode == "cumulative":
         stay = lambda k: np.log(np.clip(1.0 - k, 1e-8, 1.0))  # noqa: E731
         alpha = (stay(k_t) - stay((t + h) ** exponent)) / (h + 1e-8)
-        return _np_one_minus_exp_neg(h * np.maximum(alpha * one_minus_p_z, 1e-12))
+        return -np.expm1(-h * np.maximum(alpha * one_minus_p_z, 1e-12))
     kdot = 1.0 if exponent == 1.0 else exponent * t ** (exponent - 1.0)
-    return one_minus_p_z * _np_one_minus_exp_neg(h * kdot / (1.0 - k_t))
+    return one_minus_p_z * -np.expm1(-h * kdot / (1.0 - k_t))
 
 
 def _cpu_step(logits, z, editable, key, mode, t, h, exponent, ban, mask_id, temperature):
