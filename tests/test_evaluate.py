@@ -201,9 +201,12 @@ def test_cli_json_and_table(cli, micro_models, tiny_evaluator, tmp_path):
     table = cli(*args)
     assert table.exit_code == 0, table.output
     assert "gen ppl" in table.stdout and "entropy" in table.stdout
-    cooled = cli(*args, "--temp", 0.7)
+    cooled = cli(*args, "--temp", 0.7, "--json")
     assert cooled.exit_code == 0, cooled.output
-    assert "temp 0.7" in cooled.stdout
+    assert json.loads(cooled.stdout)["sampling"] == {"temp": 0.7, "top_k": None, "top_p": 1.0}
+    table = cli(*args, "--temp", 0.7)
+    assert table.exit_code == 0, table.output
+    assert "temp 0.7" in " ".join(table.stdout.split())  # the title may wrap on a narrow terminal
 
 
 @pytest.mark.parametrize(
