@@ -252,17 +252,6 @@ def backend() -> str | None:
     return None
 
 
-def _jump_probability(mode: str, one_minus_p_z, t: float, h: float, exponent: float):
-    """P(jump) of a non-final step from 1 - p_1t(z) (the rules in :mod:`fsdfm_mlx.solvers`)."""
-    k_t = t**exponent
-    if mode == "cumulative":
-        stay = lambda k: np.log(np.clip(1.0 - k, 1e-8, 1.0))  # noqa: E731
-        alpha = (stay(k_t) - stay((t + h) ** exponent)) / (h + 1e-8)
-        return -np.expm1(-h * np.maximum(alpha * one_minus_p_z, 1e-12))
-    kdot = 1.0 if exponent == 1.0 else exponent * t ** (exponent - 1.0)
-    return one_minus_p_z * -np.expm1(-h * kdot / (1.0 - k_t))
-
-
 def _cpu_step(logits, z, editable, key, mode, t, h, exponent, ban, mask_id, temperature):
     """The NumPy version: exp, cumulative sums and one inverse-CDF draw per row (float32)."""
     *lead, V = logits.shape
@@ -290,8 +279,15 @@ def _cpu_step(logits, z, editable, key, mode, t, h, exponent, ban, mask_id, temp
     if mode == "final":
         write = ed if mask_id is None else ed & (zr == mask_id)
     else:
-        one_minus_p_z = np.minimum(drawable.astype(np.float64) / total, 1.0)
-        P = _jump_probability(mode, one_minus_p_z, float(t), float(h), exponent)
+        from .solvers import CUMULATIVE, DFM_EULER, _jump_probability  # (solvers imports us)
+
+        # log p_1t(z) from the drawable mass: 1 - p_z = drawable / total, exact when p_z ~ 1
+        with np.errstate(divide="ignore"):  # p_z = 0 -> log p_z = -inf, a sure jump rate
+            log_p_z = np.log1p(-np.minimum(drawable.astype(np.float64) / total, 1.0))
+        solver = CUMULATIVE if mode == "cumulative" else DFM_EULER
+        f32 = functools.partial(mx.array, dtype=mx.float32)
+        P = _jump_probability(solver, None, None, f32(log_p_z), f32(t), f32(h), exponent, False)
+        P = np.asarray(P)
         write = ed & (drawable > 0) & (u[1] < P)
     out = np.where(write, dest, zr).astype(np.int32)
     return mx.array(out.reshape(lead))
