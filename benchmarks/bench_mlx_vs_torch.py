@@ -39,7 +39,6 @@ import mlx.core as mx
 import numpy as np
 import torch
 from fsdfm_mlx.convert.torch_model import FSDFMTorch
-from mlx.utils import tree_flatten
 
 from fsdfm_mlx.generate import generate_step
 from fsdfm_mlx.profile import forward_flops, parameter_count, random_model
@@ -52,7 +51,7 @@ def torch_state_dict(model) -> dict[str, torch.Tensor]:
     """The MLX model's weights as float32 torch tensors (exact: bf16/fp16 widen losslessly)."""
     return {
         k: torch.from_numpy(np.array(v.astype(mx.float32)))
-        for k, v in tree_flatten(model.parameters())
+        for k, v in model.checkpoint_weights().items()
     }
 
 

@@ -7,6 +7,12 @@ Parts (each guarded; an error is recorded, the next part runs):
            sampler step (fused kernel / portable) and of a whole 8-step generation, for bf16 and
            4-bit weights (1.3B, B=1)
   forward  one forward pass eager vs ``mx.compile``d, and the matmuls alone (same shapes)
+  segments 8-step generation (1.3B, B=1) with the forward queued whole or a few blocks at a time
+           (``blocks_per_eval``), with and without the step lookahead: peak memory and latency,
+           bf16 and 4-bit
+  forward8 the B=8 forward's parts: compiled forward (RoPE on bf16 vs on a float32 copy), the
+           matmuls alone, q/k/v as three matmuls vs one, attention alone
+  forward1 the same at B=1
   quant    the shipped 4-bit model: GPU logits (quantized matmuls) against CPU logits
            (dequantized float32), and a short GPU sample's text
 """
@@ -28,6 +34,7 @@ from mlx.utils import tree_flatten
 
 from fsdfm_mlx import kernels
 from fsdfm_mlx.generate import compiled_forward, generate_step
+from fsdfm_mlx.model import padded_rows
 from fsdfm_mlx.profile import random_model
 from fsdfm_mlx.solvers import CUMULATIVE, sample_step
 
@@ -118,6 +125,79 @@ def memory(preset, L):
         model = random_model(preset, length=L, dtype="bfloat16", quantize=q)
         out[name] = {"build_peak_gb": mx.get_peak_memory() / GB, **_memory_one(model, L)}
     return out
+
+
+def _generate_opts(model, L, **kw):
+    gen = generate_step(model, batch_size=1, length=L, steps=8, seed=0, **kw)
+    return deque(gen, maxlen=1)[0].tokens
+
+
+def segments(preset, L):
+    out = {}
+    for name, q in (("bf16", None), ("q4", 4)):
+        gc.collect()
+        mx.clear_cache()
+        model = random_model(preset, length=L, dtype="bfloat16", quantize=q)
+        r = {"weights_gb": mx.get_active_memory() / GB}
+        for per in (0, 1, 2, 3, 4, 7):
+            for la in (True, False):
+                run = functools.partial(_generate_opts, model, L, blocks_per_eval=per, lookahead=la)
+                run()
+                r[f"per{per}_lookahead_{la}_peak_gb"] = _peak(run)
+                r[f"per{per}_lookahead_{la}_ms"] = _ms(run, 5)
+        out[name] = r
+        del model
+    return out
+
+
+def forward8(preset, L, B=8):
+    import fsdfm_mlx.model as fm
+
+    model = random_model(preset, length=L, dtype="bfloat16")
+    a = model.args
+    x = mx.zeros((B, L), mx.int32)
+    t = mx.full((B,), 0.5)
+    r = {}
+    for upcast in (False, True):
+        fm._rope_computes_in_input_dtype = lambda u=upcast: u
+        model.__dict__.pop("_fsdfm_compiled_forward", None)
+        fwd = compiled_forward(model)
+        r[f"compiled_ms_rope_upcast_{upcast}"] = _ms(functools.partial(fwd, x, t, t))
+    r["eager_ms"] = _ms(lambda: model(x, t, t))
+    D, F, V, M = a.hidden_size, a.mlp_ratio * a.hidden_size, a.num_tokens, B * L
+    h = mx.random.normal((M, D)).astype(mx.bfloat16)
+    wq = [mx.random.normal((D, D)).astype(mx.bfloat16) * 0.02 for _ in range(3)]
+    wqkv = mx.concatenate(wq, axis=0)
+    w1 = mx.random.normal((F, D)).astype(mx.bfloat16) * 0.02
+    w2 = mx.random.normal((D, F)).astype(mx.bfloat16) * 0.02
+    wo = mx.random.normal((V, D)).astype(mx.bfloat16) * 0.02
+    mx.eval(h, wq, wqkv, w1, w2, wo)
+    n = a.n_blocks
+    r["qkv_three_ms_x_blocks"] = _ms(lambda: [[h @ w.T for w in wq] for _ in range(n)])
+    r["qkv_one_ms_x_blocks"] = _ms(lambda: [h @ wqkv.T for _ in range(n)])
+    r["attn_out_ms_x_blocks"] = _ms(lambda: [h @ wq[0].T for _ in range(n)])
+    r["mlp_ms_x_blocks"] = _ms(lambda: [(h @ w1.T) @ w2.T for _ in range(n)])
+    r["mlp_gelu_ms_x_blocks"] = _ms(lambda: [nn.gelu(h @ w1.T) @ w2.T for _ in range(n)])
+    r["output_ms"] = _ms(lambda: h @ wo.T)
+    wp = mx.concatenate([wo, mx.zeros((padded_rows(V) - V, D), wo.dtype)])
+    mx.eval(wp)
+    r["output_padded_rows_ms"] = _ms(lambda: (h @ wp.T)[:, :V])
+    r["output_padded_rows_contiguous_ms"] = _ms(lambda: mx.contiguous((h @ wp.T)[:, :V]))
+    q = mx.random.normal((B, a.n_heads, L, a.head_dim)).astype(mx.bfloat16)
+    mx.eval(q)
+    r["sdpa_ms_x_blocks"] = _ms(
+        lambda: [mx.fast.scaled_dot_product_attention(q, q, q, scale=0.1) for _ in range(n)]
+    )
+    flops = 2 * M * (n * (4 * D * D + 2 * D * F) + D * V) + n * 4 * B * L * L * D
+    r["model_tflop"] = flops / 1e12
+    r["matmul_peak_tflops"] = None
+    try:
+        from fsdfm_mlx.profile import matmul_tflops
+
+        r["matmul_peak_tflops"] = matmul_tflops(8192, "bfloat16")
+    except Exception as e:  # noqa: BLE001
+        r["matmul_peak_error"] = str(e)
+    return r
 
 
 def forward(preset, L):
@@ -239,6 +319,9 @@ def main():
         try:
             res[part] = {
                 "memory": lambda: memory(a.preset, a.length),
+                "segments": lambda: segments(a.preset, a.length),
+                "forward8": lambda: forward8(a.preset, a.length),
+                "forward1": lambda: forward8(a.preset, a.length, B=1),
                 "forward": lambda: forward(a.preset, a.length),
                 "quant": lambda: quant(a.model, a.teacher),
                 "qmm": lambda: qmm(a.model),

@@ -96,6 +96,13 @@ def generate_command(
     temp: float = typer.Option(1.0, "--temp", help="Temperature on the logits (0 = argmax)."),
     top_k: int | None = typer.Option(None, "--top-k", help="Keep the k most likely tokens."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus filter, in (0, 1]."),
+    blocks_per_eval: int | None = typer.Option(
+        None,
+        "--blocks-per-eval",
+        min=0,
+        help="Queue the blocks N at a time, two groups in flight (less GPU memory); "
+        "0 = whole forwards; default: 2 for a quantized model on a GPU, else 0.",
+    ),
     visual: bool = typer.Option(False, "--visual", help="Show the passage refining, live."),
     html: str | None = typer.Option(None, "--html", help="Save the coloured view as HTML."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON result only."),
@@ -168,6 +175,7 @@ def _generate(
     force,
     num_samples=None,
     check=False,
+    blocks_per_eval=None,
 ) -> None:
     from fsdfm_mlx.generate import format_summary, save_tokens, stream_generate, summary
 
@@ -221,6 +229,7 @@ def _generate(
         temp=temp,
         top_k=top_k,
         top_p=top_p,
+        blocks_per_eval=blocks_per_eval,
         profile=True,
     )
     pieces = _Pieces(tokenizer, mlx_model.args.mask_token_id)
@@ -300,6 +309,7 @@ def _generate_chunked(
     force,
     num_samples,
     group,
+    blocks_per_eval=None,
     **_,
 ) -> None:
     """--num-samples in chunks of --batch-size, shared among the ranks when run by mlx.launch."""
@@ -348,6 +358,7 @@ def _generate_chunked(
                 temp=temp,
                 top_k=top_k,
                 top_p=top_p,
+                blocks_per_eval=blocks_per_eval,
                 profile=True,
             ):
                 per_step.append((r.model_ms, r.sampler_ms, r.step_ms))

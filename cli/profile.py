@@ -218,6 +218,13 @@ def register(app: typer.Typer) -> None:
             "--lookahead/--no-lookahead",
             help="Queue each step before waiting for the previous one (faster; more memory).",
         ),
+        blocks_per_eval: int | None = typer.Option(
+            None,
+            "--blocks-per-eval",
+            min=0,
+            help="Queue the blocks N at a time, two groups in flight (less GPU memory); "
+            "0 = whole forwards; default: 2 for a quantized model on a GPU, else 0.",
+        ),
         json_out: bool = typer.Option(False, "--json", help="Print JSON only."),
         plot_file: str | None = typer.Option(
             None, "--plot", help="Write latency and tokens/s against steps to this PNG."
@@ -264,6 +271,7 @@ def register(app: typer.Typer) -> None:
                     dtype=dtype,
                     quantize=q_bits if quantize else None,
                     lookahead=lookahead,
+                    blocks_per_eval=blocks_per_eval,
                     q_group_size=q_group_size,
                     solver=solver,
                     warmup=warmup,

@@ -14,6 +14,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 SOLVERS = ("mixture_euler_with_cumulative_scalar", "mixture_euler", "dfm_euler")
 
@@ -138,6 +139,11 @@ class LayerNorm(nn.Module):
         )
 
 
+def _rope_computes_in_input_dtype() -> bool:
+    """True where ``mx.fast.rope`` has no float32 kernel (MLX's CPU backend) for bf16 / fp16 input."""
+    return mx.default_device().type == mx.cpu
+
+
 def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
     return x * (1 + scale) + shift
 
@@ -178,12 +184,20 @@ class DDiTBlock(nn.Module):
             return x.reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
 
         def rope(x: mx.array) -> mx.array:
-            # in float32 over the whole head dim (rotate-half layout), positions 0..L-1
-            x = x.astype(mx.float32)
-            x = mx.fast.rope(
-                x, self.head_dim, traditional=False, base=self.rope_base, scale=1.0, offset=0
+            # Rotate-half layout over the whole head dim, positions 0..L-1, in float32 arithmetic
+            # as the official model does. The Metal and CUDA kernels read and write the input's
+            # dtype but compute in float32, so they take bf16 directly (two casts and a float32
+            # copy of q and k fewer per block); MLX's CPU version computes in the input dtype.
+            upcast = x.dtype != mx.float32 and _rope_computes_in_input_dtype()
+            y = mx.fast.rope(
+                x.astype(mx.float32) if upcast else x,
+                self.head_dim,
+                traditional=False,
+                base=self.rope_base,
+                scale=1.0,
+                offset=0,
             )
-            return x.astype(dtype)
+            return y.astype(dtype)
 
         q, k, v = rope(heads(self.qw(h))), rope(heads(self.kw(h))), heads(self.vw(h))
         a = mx.fast.scaled_dot_product_attention(
@@ -198,13 +212,25 @@ class DDiTBlock(nn.Module):
         return x + gate2 * h
 
 
+# The output projection's rows are padded to a multiple of this (50,257 -> 50,304), and the logits
+# sliced back. With an odd row count the logits' row stride is odd, and on the H100 cuBLAS then
+# runs this matmul (a tenth of the model's FLOPs) at ~100 TFLOP/s instead of ~600.
+OUTPUT_ROW_MULTIPLE = 128
+
+
+def padded_rows(n: int) -> int:
+    """``n`` rounded up to a multiple of ``OUTPUT_ROW_MULTIPLE``."""
+    return -(-n // OUTPUT_ROW_MULTIPLE) * OUTPUT_ROW_MULTIPLE
+
+
 class DDitFinalLayer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         D, C = args.hidden_size, args.cond_dim
         self.dt_conditioned = args.dt_conditioned
+        self.rows = args.num_tokens
         self.norm_final = LayerNorm(D)
-        self.linear = nn.Linear(D, args.num_tokens)
+        self.linear = nn.Linear(D, padded_rows(args.num_tokens))  # rows past V(+1) are zeros
         if args.dt_conditioned:
             self.condition_fuser = nn.Linear(2 * C, C)
         self.adaLN_modulation = nn.Linear(C, 2 * D)
@@ -213,7 +239,8 @@ class DDitFinalLayer(nn.Module):
         if self.dt_conditioned:
             c = nn.silu(self.condition_fuser(c))
         shift, scale = mx.split(self.adaLN_modulation(c)[:, None, :], 2, axis=-1)
-        return self.linear(modulate(self.norm_final(x), shift, scale).astype(dtype))
+        logits = self.linear(modulate(self.norm_final(x), shift, scale).astype(dtype))
+        return logits[..., : self.rows] if logits.shape[-1] != self.rows else logits
 
 
 class Model(nn.Module):
@@ -263,25 +290,59 @@ class Model(nn.Module):
         Returns:
             [B, L, V(+1)] logits in the model's dtype.
         """
-        dtype = self.dtype
+        x, c = self.embed(tokens, t, dt)
+        x = self.run_blocks(x, c)
+        return self.head(x, c)
+
+    def embed(
+        self, tokens: mx.array, t: mx.array, dt: mx.array | None = None
+    ) -> tuple[mx.array, mx.array]:
+        """The forward pass up to the first block: ``(x [B, L, D] float32, c [B, C | 2C])``.
+
+        ``__call__`` is ``head(run_blocks(*embed(tokens, t, dt)))``; the pieces exist so that a
+        caller can evaluate the blocks a few at a time (see ``fsdfm_mlx.generate.make_forward``).
+        """
         t = mx.broadcast_to(mx.array(t, dtype=mx.float32), (tokens.shape[0],))
         if dt is not None:
             dt = mx.broadcast_to(mx.array(dt, dtype=mx.float32), (tokens.shape[0],))
         c = self.condition(t, dt)
         # The residual stream stays float32, as under the official bf16 autocast.
-        x = self.vocab_embed(tokens).astype(mx.float32)
-        for block in self.blocks:
-            x = block(x, c, dtype)
-        return self.output_layer(x, c, dtype)
+        return self.vocab_embed(tokens).astype(mx.float32), c
 
-    @staticmethod
-    def sanitize(weights: dict[str, mx.array]) -> dict[str, mx.array]:
-        """Map official state-dict keys to this model's: strip DDP / compile prefixes, drop buffers."""
+    def run_blocks(
+        self, x: mx.array, c: mx.array, start: int = 0, stop: int | None = None
+    ) -> mx.array:
+        """Blocks ``start`` to ``stop - 1`` on the residual stream ``x`` [B, L, D]."""
+        dtype = self.dtype
+        for block in self.blocks[start:stop]:
+            x = block(x, c, dtype)
+        return x
+
+    def head(self, x: mx.array, c: mx.array) -> mx.array:
+        """The final layer: residual stream [B, L, D] -> logits [B, L, V(+1)]."""
+        return self.output_layer(x, c, self.dtype)
+
+    def checkpoint_weights(self) -> dict[str, mx.array]:
+        """The parameters as a flat dict in checkpoint shapes (the output rows' padding dropped):
+        the inverse of :meth:`sanitize`, for saving or handing to another implementation."""
+        rows = self.args.num_tokens
+        return {
+            k: v[:rows] if k.startswith("output_layer.linear.") else v
+            for k, v in tree_flatten(self.parameters())
+        }
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Map official state-dict keys to this model's: strip DDP / compile prefixes, drop buffers,
+        pad the output projection's rows (weight, bias, and a quantized layer's scales and biases)
+        with zeros to this model's padded row count."""
         out = {}
+        rows = self.output_layer.linear.weight.shape[0]
         for k, v in weights.items():
             k = strip_prefixes(k)
             if k.endswith("rotary_emb.inv_freq"):
                 continue
+            if k.startswith("output_layer.linear.") and v.shape[0] < rows:
+                v = mx.concatenate([v, mx.zeros((rows - v.shape[0], *v.shape[1:]), v.dtype)])
             out[k] = v
         return out
 

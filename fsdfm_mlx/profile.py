@@ -26,7 +26,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import _cpu_blas
-from .generate import check_solver, generate_step
+from .generate import check_solver, default_blocks_per_eval, generate_step
 from .load import CUDA_DENSE_MAX_IN, cuda_backend
 from .model import Model, ModelArgs
 from .solvers import DFM_EULER, uniform_time_grid
@@ -223,12 +223,22 @@ class _Progress:
 
 
 def _run_sampler(
-    model, *, batch, length, seed, solver, steps=None, time_grid=None, lookahead=True
+    model,
+    *,
+    batch,
+    length,
+    seed,
+    solver,
+    steps=None,
+    time_grid=None,
+    lookahead=True,
+    blocks_per_eval=None,
 ) -> float:
     """Seconds for one whole sampling run (no profiling syncs beyond the generator's own)."""
     gen = generate_step(
         model,
         lookahead=lookahead,
+        blocks_per_eval=blocks_per_eval,
         batch_size=batch,
         length=length,
         steps=steps,
@@ -265,7 +275,17 @@ def _profile_split(model, *, batch, length, seed, solver, steps, passes) -> dict
 
 
 def _time_steps(
-    model, steps, *, batch, length, seed, solver, warmup, repeats, lookahead=True
+    model,
+    steps,
+    *,
+    batch,
+    length,
+    seed,
+    solver,
+    warmup,
+    repeats,
+    lookahead=True,
+    blocks_per_eval=None,
 ) -> dict:
     tic = time.perf_counter()
     for w in range(warmup):
@@ -277,6 +297,7 @@ def _time_steps(
             solver=solver,
             steps=steps,
             lookahead=lookahead,
+            blocks_per_eval=blocks_per_eval,
         )
     warmup_s = time.perf_counter() - tic
     mx.synchronize()
@@ -290,6 +311,7 @@ def _time_steps(
             solver=solver,
             steps=steps,
             lookahead=lookahead,
+            blocks_per_eval=blocks_per_eval,
         )
         for r in range(repeats)
     ]
@@ -550,6 +572,7 @@ def profile(
     baseline_budget_s: float = 120.0,
     seed: int = 0,
     lookahead: bool = True,
+    blocks_per_eval: int | None = None,
     progress: bool | Callable[[str], None] = True,
 ) -> dict:
     """Time FS-DFM sampling at several step counts, with the DFM-1024 and AR baselines.
@@ -580,6 +603,9 @@ def profile(
         seed: base seed.
         lookahead: queue each step before waiting for the previous one (faster; on MLX's CUDA
             backend it also holds a second step's buffers, so the peak memory is higher).
+        blocks_per_eval: queue the blocks this many at a time, at most two groups in flight
+            (lower peak memory on GPUs; see :func:`fsdfm_mlx.generate.make_forward`); 0 = whole
+            forwards; None = :func:`fsdfm_mlx.generate.default_blocks_per_eval`.
         progress: print progress lines to stderr (True), or call this function with each line.
 
     Returns:
@@ -661,6 +687,7 @@ def profile(
             warmup=warmup,
             repeats=repeats,
             lookahead=lookahead,
+            blocks_per_eval=blocks_per_eval,
         )
         passes = max(1, min(repeats, math.ceil(16 / n)))
         row.update(
@@ -726,6 +753,9 @@ def profile(
             "repeats": repeats,
             "seed": seed,
             "lookahead": lookahead,
+            "blocks_per_eval": (
+                default_blocks_per_eval(model) if blocks_per_eval is None else blocks_per_eval
+            ),
             "forward_flops": flops,
             "load_s": load_s,
         },

@@ -338,3 +338,57 @@ def test_compiled_forward_follows_new_weights_and_frees_the_model(micro_models):
         assert ref() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("student", [True, False])
+@pytest.mark.parametrize("compile", [True, False])
+def test_blocks_per_eval_forward_is_the_same_function(student, compile):
+    """Queuing the blocks a few at a time (less GPU memory in flight) changes no logit."""
+    from fsdfm_mlx.generate import make_forward
+    from fsdfm_mlx.profile import random_model
+
+    shape = {"hidden_size": 64, "cond_dim": 32, "n_blocks": 5, "n_heads": 4}
+    m = random_model(shape, length=16, vocab_size=300, dt_conditioned=student, dtype="float32")
+    tokens = mx.random.randint(0, 300, (2, 16), key=mx.random.key(0))
+    t, dt = mx.array([0.2, 0.7]), mx.array([0.125, 0.125])
+    args = (tokens, t, dt) if student else (tokens, t)
+    ref = m(*args)
+    for n in (1, 2, 3, 4):
+        got = make_forward(m, compile=compile, blocks_per_eval=n)(*args)
+        assert got.shape == ref.shape == (2, 16, 300)
+        assert mx.array_equal(got, ref).item(), n
+
+
+def test_blocks_per_eval_generation_and_checks():
+    from fsdfm_mlx.generate import default_blocks_per_eval
+    from fsdfm_mlx.profile import random_model
+
+    shape = {"hidden_size": 64, "cond_dim": 32, "n_blocks": 3, "n_heads": 4}
+    m = random_model(shape, length=16, vocab_size=300, dtype="float32")
+    runs = [
+        [np.array(s.tokens) for s in generate_step(m, steps=4, seed=5, blocks_per_eval=n)]
+        for n in (None, 0, 1, 2)
+    ]
+    for other in runs[1:]:
+        assert all((a == b).all() for a, b in zip(runs[0], other, strict=True))
+    assert default_blocks_per_eval(m) == 0  # CPU: buffers are freed as they are used
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="blocks_per_eval"):
+            generate_step(m, steps=2, blocks_per_eval=bad)
+
+
+def test_checkpoint_weights_round_trip():
+    """checkpoint_weights drops the output rows' padding; sanitize puts it back."""
+    from fsdfm_mlx.convert.checkpoint import expected_shapes
+
+    from fsdfm_mlx.profile import random_model
+
+    shape = {"hidden_size": 64, "cond_dim": 32, "n_blocks": 2, "n_heads": 4}
+    m = random_model(shape, length=16, vocab_size=300, dtype="float32")
+    w = m.checkpoint_weights()
+    assert {k: tuple(v.shape) for k, v in w.items()} == expected_shapes(m.args)
+    m2 = random_model(shape, length=16, vocab_size=300, dtype="float32")
+    m2.load_weights(list(m2.sanitize(w).items()), strict=True)
+    tokens = mx.random.randint(0, 300, (1, 16), key=mx.random.key(1))
+    t = mx.array([0.4])
+    assert mx.array_equal(m(tokens, t, t), m2(tokens, t, t)).item()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import CKPT, FIXTURES, report
 
 import fsdfm_mlx
 from fsdfm_mlx import load
-from fsdfm_mlx.model import Model, ModelArgs, strip_prefixes, timestep_embedding
+from fsdfm_mlx.model import Model, ModelArgs, padded_rows, strip_prefixes, timestep_embedding
 
 pytest.importorskip("torch")
 
@@ -108,7 +109,52 @@ def test_module_names_follow_checkpoint_keys():
     from mlx.utils import tree_flatten
 
     names = {k: tuple(v.shape) for k, v in tree_flatten(Model(args).parameters())}
-    assert names == expected_shapes(args)
+    want = expected_shapes(args)
+    # the output projection's rows are padded (10 -> 128) and the logits sliced back
+    for k in ("output_layer.linear.weight", "output_layer.linear.bias"):
+        want[k] = (padded_rows(want[k][0]), *want[k][1:])
+    assert names == want
+
+
+@pytest.mark.parametrize("quantize", [False, True])
+def test_output_rows_padded_and_sliced(quantize):
+    """Checkpoint-shaped output weights are zero-padded by sanitize; logits keep V columns and
+    equal the unpadded projection."""
+    args = ModelArgs(hidden_size=64, cond_dim=32, n_blocks=1, n_heads=4, vocab_size=300)
+    model = Model(args)
+    V, rows = args.num_tokens, padded_rows(args.num_tokens)
+    assert (V, rows) == (300, 384)
+    w = mx.random.normal((V, 64), key=mx.random.key(1))
+    b = mx.random.normal((V,), key=mx.random.key(2))
+    ckpt = {"output_layer.linear.weight": w, "output_layer.linear.bias": b}
+    if quantize:
+        wq, scales, biases = mx.quantize(w, group_size=64, bits=8)
+        ckpt = {
+            "output_layer.linear.weight": wq,
+            "output_layer.linear.scales": scales,
+            "output_layer.linear.biases": biases,
+            "output_layer.linear.bias": b,
+        }
+        nn.quantize(
+            model.output_layer, group_size=64, bits=8, class_predicate=lambda p, m: p == "linear"
+        )
+    got = model.sanitize(ckpt)
+    for k, v in got.items():
+        assert v.shape[0] == rows, k
+        assert not mx.any(v[V:]).item(), k  # zero rows
+        assert mx.array_equal(v[:V], ckpt[k]).item(), k
+    model.load_weights(list(got.items()), strict=False)
+    ada = model.output_layer.adaLN_modulation
+    ada.weight, ada.bias = mx.zeros_like(ada.weight), mx.zeros_like(ada.bias)
+    x = mx.random.normal((2, 5, 64), key=mx.random.key(3))
+    c = mx.zeros((2, 32))
+    logits = model.output_layer(x, c, mx.float32)
+    assert logits.shape == (2, 5, V)
+    h = model.output_layer.norm_final(x)  # shift = scale = 0: modulate is the identity
+    if quantize:
+        w = mx.dequantize(wq, scales, biases, group_size=64, bits=8)
+    ref = h @ w.T + b
+    assert mx.allclose(logits, ref, atol=1e-4).item()
 
 
 def test_sanitize_strips_prefixes_and_drops_buffers():
@@ -117,7 +163,8 @@ def test_sanitize_strips_prefixes_and_drops_buffers():
         "_orig_mod.rotary_emb.inv_freq": 2,
         "vocab_embed.weight": 3,
     }
-    assert Model.sanitize(w) == {"blocks.0.qw.weight": 1, "vocab_embed.weight": 3}
+    model = Model(ModelArgs(hidden_size=8, cond_dim=4, n_blocks=1, n_heads=2, vocab_size=5))
+    assert model.sanitize(w) == {"blocks.0.qw.weight": 1, "vocab_embed.weight": 3}
     assert strip_prefixes("_orig_mod.module.x") == "x"
 
 

@@ -11,7 +11,6 @@ import fsdfm_mlx  # noqa: F401  (MKL before mlx.core)
 import mlx.core as mx
 import pytest
 from fsdfm_mlx.cli.main import app
-from mlx.utils import tree_flatten
 from typer.testing import CliRunner
 
 from fsdfm_mlx.profile import (
@@ -59,7 +58,7 @@ def tiny_folder(tmp_path_factory):
     model = random_model(TINY, length=L, dtype="float32")
     config = {"model_type": "fsdfm", **TINY, "dt_conditioned": True, "length": L}
     (d / "config.json").write_text(json.dumps(config))
-    mx.save_safetensors(str(d / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    mx.save_safetensors(str(d / "model.safetensors"), model.checkpoint_weights())
     return d
 
 
