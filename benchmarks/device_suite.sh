@@ -8,7 +8,7 @@
 # Needs: our package installed (python3 -m fsdfm_mlx.cli.main), MLX with CUDA, mlx-lm, PyTorch CUDA.
 # Each part is guarded: a failure is logged to $2/<part>.err and the next part still runs.
 # Writes: env.json, a_profile_1p3b_b1.json, b_profile_1p3b_b8.json, b_matmul_peak.json,
-#         c_memory_bf16.json, c_memory_bf16_lean.json, c_memory_q4.json, d_sampler.json, d_sampler_bf16.json,
+#         c_memory_bf16.json, c_memory_bf16_whole.json, c_memory_q4.json, d_sampler.json, d_sampler_bf16.json,
 #         e_mlx_vs_torch_cuda.json,
 #         summary.json (the headline numbers pulled from the others).
 set -u
@@ -68,12 +68,12 @@ import json, fsdfm_mlx
 from fsdfm_mlx.profile import matmul_tflops
 print(json.dumps({"kind": "matmul_bf16", "n": 8192, "tflops": matmul_tflops(8192, "bfloat16")}))'
 
-# (c) peak memory, 1.3B B=1 L=1024 8 steps: bf16 (whole forwards, the default, and the blocks
-#     queued 2 at a time) and 4-bit (group 64; its default queues 2 blocks at a time)
+# (c) peak memory, 1.3B B=1 L=1024 8 steps: bf16 (the default: blocks queued 2 at a time; and
+#     whole forwards) and 4-bit (group 64; the default: 1 block at a time)
 part c_memory_bf16 50 "${CLI[@]}" profile --preset 1.3b --steps 8 --length 1024 --batch-size 1 \
   --dtype bfloat16 --repeats 3 --no-baselines --json
-part c_memory_bf16_lean 50 "${CLI[@]}" profile --preset 1.3b --steps 8 --length 1024 \
-  --batch-size 1 --dtype bfloat16 --repeats 3 --no-baselines --blocks-per-eval 2 --json
+part c_memory_bf16_whole 50 "${CLI[@]}" profile --preset 1.3b --steps 8 --length 1024 \
+  --batch-size 1 --dtype bfloat16 --repeats 3 --no-baselines --blocks-per-eval 0 --json
 part c_memory_q4 50 "${CLI[@]}" profile --preset 1.3b --steps 8 --length 1024 --batch-size 1 \
   --dtype bfloat16 -q --q-bits 4 --q-group-size 64 --repeats 3 --no-baselines --json
 
@@ -111,7 +111,7 @@ if "results" in b:
     if "tflops" in peak:
         s["b_b8_8steps"]["matmul_peak_tflops"] = peak["tflops"]
         s["b_b8_8steps"]["model_forward_utilisation"] = r["model_tflops"] / peak["tflops"]
-for name in ("c_memory_bf16", "c_memory_bf16_lean", "c_memory_q4"):
+for name in ("c_memory_bf16", "c_memory_bf16_whole", "c_memory_q4"):
     c = load(name)
     if "results" in c:
         s[name] = {"lookahead": c["config"].get("lookahead"),

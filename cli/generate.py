@@ -101,7 +101,7 @@ def generate_command(
         "--blocks-per-eval",
         min=0,
         help="Queue the blocks N at a time, two groups in flight (less GPU memory); "
-        "0 = whole forwards; default: 2 for a quantized model on a GPU, else 0.",
+        "0 = whole forwards; default on a GPU: 1 quantized, 2 dense; 0 on CPU.",
     ),
     visual: bool = typer.Option(False, "--visual", help="Show the passage refining, live."),
     html: str | None = typer.Option(None, "--html", help="Save the coloured view as HTML."),

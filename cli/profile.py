@@ -223,7 +223,7 @@ def register(app: typer.Typer) -> None:
             "--blocks-per-eval",
             min=0,
             help="Queue the blocks N at a time, two groups in flight (less GPU memory); "
-            "0 = whole forwards; default: 2 for a quantized model on a GPU, else 0.",
+            "0 = whole forwards; default on a GPU: 1 quantized, 2 dense; 0 on CPU.",
         ),
         json_out: bool = typer.Option(False, "--json", help="Print JSON only."),
         plot_file: str | None = typer.Option(

@@ -154,7 +154,7 @@ def generate_step(
         blocks_per_eval: queue the transformer blocks this many at a time and keep at most two
             such groups in flight on the device, which bounds the activation memory a step holds
             (see :func:`make_forward`); 0 = each forward is queued whole; None = the default of
-            :func:`default_blocks_per_eval` (2 for a quantized model on a GPU, else 0).
+            :func:`default_blocks_per_eval` (on a GPU 1 for a quantized model, else 2; 0 on the CPU).
 
     Returns:
         A generator of :class:`StepState`. Without ``profile`` each step is queued on the device
@@ -346,18 +346,21 @@ def compiled_forward(model):
 
 
 def default_blocks_per_eval(model) -> int:
-    """How many blocks :func:`make_forward` queues at a time by default: 2 for a quantized model on
-    a GPU device, else 0 (the whole forward at once).
+    """How many blocks :func:`make_forward` queues at a time by default on a GPU device: 1 for a
+    quantized model, 2 for a dense one; 0 (the whole forward at once) on the CPU.
 
-    On the H100 (1.3B, L = 1,024, 8 steps) this took a 4-bit model's peak memory from 2.5-4.1 GB to
-    1.2 GB at the same latency; for bfloat16 weights the forward is short enough that the waits
-    cost ~10-25% latency for ~0.1-0.4 GB, so dense models keep whole forwards. On the CPU
-    buffers are freed as soon as they are used, so it buys nothing there.
+    On the H100 (1.3B, L = 1,024, B = 1, 8 steps; ``fsdfm-mlx profile --repeats 10`` in fresh
+    processes) whole forwards peaked at 5.8 GB (bf16) and 4.5 GB (4-bit); two blocks at a time
+    at 3.1 GB (bf16, 66.5 ms vs 66.8 ms) and one block at a time at 1.23 GB (4-bit, 180.6 ms vs
+    182.5 ms; two blocks: 1.33-1.43 GB). On the CPU buffers are freed as soon as they are used,
+    so it buys nothing there.
     """
     if mx.default_device().type != mx.gpu:
         return 0
     blocks = getattr(model, "blocks", None)
-    return 2 if blocks and "scales" in blocks[0].qw else 0
+    if not blocks:
+        return 0
+    return 1 if "scales" in blocks[0].qkv else 2
 
 
 def make_forward(model, *, compile: bool = True, blocks_per_eval: int | None = None):

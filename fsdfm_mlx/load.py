@@ -8,7 +8,6 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from .model import Model, ModelArgs
 
@@ -157,7 +156,7 @@ def should_dequantize(dequantize: bool | None, config: dict) -> bool:
         return bool(dequantize)
     if mx.default_device().type != mx.cpu:
         return False
-    params = sum(v.size for _, v in tree_flatten(Model(ModelArgs.from_dict(config)).parameters()))
+    params = sum(v.size for v in Model(ModelArgs.from_dict(config)).checkpoint_weights().values())
     return params * 4 < 2e9
 
 
@@ -202,7 +201,7 @@ def load_model(
         (
             v.dtype
             for k, v in weights.items()
-            if k.endswith("qw.weight") or k.endswith("qw.scales")
+            if k.endswith("qkv.weight") or k.endswith("qkv.scales")
             if mx.issubdtype(v.dtype, mx.floating)
         ),
         mx.float32,
@@ -267,7 +266,7 @@ def model_info(path_or_repo: str | os.PathLike) -> dict:
     config = load_config(path)
     args = ModelArgs.from_dict(config)
     # a fresh (unquantized, lazy) model gives the parameter count without reading any weight
-    params = sum(v.size for _, v in tree_flatten(Model(args).parameters()))
+    params = sum(v.size for v in Model(args).checkpoint_weights().values())
     files = [p for p in path.iterdir() if p.is_file()]
     weights_bytes = sum(p.stat().st_size for p in files if p.suffix == ".safetensors")
     return {
