@@ -360,7 +360,7 @@ def default_blocks_per_eval(model) -> int:
     blocks = getattr(model, "blocks", None)
     if not blocks:
         return 0
-    return 1 if "scales" in blocks[0].qkv else 2
+    return 1 if "scales" in blocks[0].qw else 2
 
 
 def make_forward(model, *, compile: bool = True, blocks_per_eval: int | None = None):

@@ -201,7 +201,7 @@ def load_model(
         (
             v.dtype
             for k, v in weights.items()
-            if k.endswith("qkv.weight") or k.endswith("qkv.scales")
+            if k.endswith("qw.weight") or k.endswith("qw.scales")
             if mx.issubdtype(v.dtype, mx.floating)
         ),
         mx.float32,

@@ -157,8 +157,9 @@ class DDiTBlock(nn.Module):
         self.rope_base = args.rope_base
         self.dt_conditioned = args.dt_conditioned
         self.norm1 = LayerNorm(D)
-        # the checkpoint's qw, kw, vw stacked by rows (see Model.sanitize): one [3D, D] matmul
-        self.qkv = nn.Linear(D, 3 * D, bias=False)
+        self.qw = nn.Linear(D, D, bias=False)
+        self.kw = nn.Linear(D, D, bias=False)
+        self.vw = nn.Linear(D, D, bias=False)
         self.attn_out = nn.Linear(D, D, bias=False)
         self.norm2 = LayerNorm(D)
         self.mlp = [
@@ -179,6 +180,9 @@ class DDiTBlock(nn.Module):
 
         h = modulate(self.norm1(x), shift1, scale1).astype(dtype)
 
+        def heads(x: mx.array) -> mx.array:  # [B, L, D] -> [B, H, L, Dh]
+            return x.reshape(B, L, self.n_heads, self.head_dim).transpose(0, 2, 1, 3)
+
         def rope(x: mx.array) -> mx.array:
             # Rotate-half layout over the whole head dim, positions 0..L-1, in float32 arithmetic
             # as the official model does. The Metal and CUDA kernels read and write the input's
@@ -195,9 +199,7 @@ class DDiTBlock(nn.Module):
             )
             return y.astype(dtype)
 
-        # [B, L, 3D] -> [3, B, H, L, Dh] (views, no copy)
-        qkv = self.qkv(h).reshape(B, L, 3, self.n_heads, self.head_dim).transpose(2, 0, 3, 1, 4)
-        q, k, v = rope(qkv[0]), rope(qkv[1]), qkv[2]
+        q, k, v = rope(heads(self.qw(h))), rope(heads(self.kw(h))), heads(self.vw(h))
         a = mx.fast.scaled_dot_product_attention(
             q, k, v, scale=self.head_dim**-0.5
         )  # [B, H, L, Dh]
@@ -264,7 +266,7 @@ class Model(nn.Module):
     @property
     def dtype(self) -> mx.Dtype:
         """The compute dtype of the matmuls (the dtype of the scales for a quantized model)."""
-        lin = self.blocks[0].qkv if self.blocks else self.output_layer.linear
+        lin = self.blocks[0].qw if self.blocks else self.output_layer.linear
         return lin.scales.dtype if "scales" in lin else lin.weight.dtype
 
     def condition(self, t: mx.array, dt: mx.array | None = None) -> mx.array:
@@ -321,24 +323,18 @@ class Model(nn.Module):
         return self.output_layer(x, c, self.dtype)
 
     def checkpoint_weights(self) -> dict[str, mx.array]:
-        """The parameters as a flat dict with the checkpoint's keys and shapes (``qkv`` split into
-        ``qw``, ``kw``, ``vw``; the output rows' padding dropped): the inverse of :meth:`sanitize`,
-        for saving or handing to another implementation."""
+        """The parameters as a flat dict in checkpoint shapes (the output rows' padding dropped):
+        the inverse of :meth:`sanitize`, for saving or handing to another implementation."""
         rows = self.args.num_tokens
-        out = {}
-        for k, v in tree_flatten(self.parameters()):
-            if ".qkv." in k:
-                for name, part in zip(("qw", "kw", "vw"), mx.split(v, 3, axis=0), strict=True):
-                    out[k.replace(".qkv.", f".{name}.")] = part
-            else:
-                out[k] = v[:rows] if k.startswith("output_layer.linear.") else v
-        return out
+        return {
+            k: v[:rows] if k.startswith("output_layer.linear.") else v
+            for k, v in tree_flatten(self.parameters())
+        }
 
     def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
         """Map official state-dict keys to this model's: strip DDP / compile prefixes, drop buffers,
-        stack each block's ``qw``, ``kw``, ``vw`` (weight, or a quantized layer's weight, scales and
-        biases) by rows into ``qkv``, and pad the output projection's rows with zeros to this
-        model's padded row count."""
+        pad the output projection's rows (weight, bias, and a quantized layer's scales and biases)
+        with zeros to this model's padded row count."""
         out = {}
         rows = self.output_layer.linear.weight.shape[0]
         for k, v in weights.items():
@@ -348,14 +344,6 @@ class Model(nn.Module):
             if k.startswith("output_layer.linear.") and v.shape[0] < rows:
                 v = mx.concatenate([v, mx.zeros((rows - v.shape[0], *v.shape[1:]), v.dtype)])
             out[k] = v
-        # one [3D, D] matmul instead of three [D, D] ones: on the H100 at L = 1,024 the three took
-        # 2.3 ms a forward (21 blocks), the stacked one 1.2 ms
-        for k in [k for k in out if ".qw." in k]:
-            kk, vk = k.replace(".qw.", ".kw."), k.replace(".qw.", ".vw.")
-            if kk in out and vk in out:
-                out[k.replace(".qw.", ".qkv.")] = mx.concatenate(
-                    [out.pop(k), out.pop(kk), out.pop(vk)]
-                )
         return out
 
 

@@ -646,7 +646,7 @@ def profile(
         say(f"loading {path}")
         model, _ = load_model(path, dtype=req_dtype)
         source = str(path)
-        if quantize is not None and "scales" not in model.blocks[0].qkv:
+        if quantize is not None and "scales" not in model.blocks[0].qw:
             nn.quantize(
                 model,
                 group_size=q_group_size,
@@ -726,7 +726,7 @@ def profile(
                 lat = base[name].get("latency_s")
                 row[key] = lat / row["latency_s"] if lat else None
 
-    q = getattr(model.blocks[0].qkv, "bits", None) if args.n_blocks else None
+    q = getattr(model.blocks[0].qw, "bits", None) if args.n_blocks else None
     return {
         "benchmark": "fsdfm_profile",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -744,7 +744,7 @@ def profile(
             "dt_conditioned": bool(args.dt_conditioned),
             "dtype": _dtype_name(compute),
             "quantization": (
-                {"bits": q, "group_size": model.blocks[0].qkv.group_size} if q is not None else None
+                {"bits": q, "group_size": model.blocks[0].qw.group_size} if q is not None else None
             ),
             "batch_size": batch_size,
             "length": length,

@@ -95,7 +95,7 @@ def test_quantized(convert_cached, stepped_checkpoints, bits, group):
         f"mean KL to float32 {kl:.3g} nats"
     )
     model, _ = load(q, dequantize=False)
-    assert "scales" in model.blocks[0].qkv  # really quantized
+    assert "scales" in model.blocks[0].qw  # really quantized
     if bits == 8:
         assert err <= 0.1
     assert kl < 0.5
@@ -113,32 +113,11 @@ def test_module_names_follow_checkpoint_keys():
     assert {k: tuple(v.shape) for k, v in model.checkpoint_weights().items()} == expected_shapes(
         args
     )
-    # in the model itself only two things differ: q/k/v stacked, output rows padded (10 -> 128)
+    # in the model itself only the output rows differ: padded (10 -> 128), logits sliced back
     want = expected_shapes(args)
     for k in ("output_layer.linear.weight", "output_layer.linear.bias"):
         want[k] = (padded_rows(want[k][0]), *want[k][1:])
-    for i in range(args.n_blocks):
-        for n in ("qw", "kw", "vw"):
-            del want[f"blocks.{i}.{n}.weight"]
-        want[f"blocks.{i}.qkv.weight"] = (3 * 64, 64)
     assert {k: tuple(v.shape) for k, v in tree_flatten(model.parameters())} == want
-
-
-def test_sanitize_stacks_qkv_and_checkpoint_weights_splits_it():
-    args = ModelArgs(hidden_size=64, cond_dim=32, n_blocks=1, n_heads=4, vocab_size=10)
-    model = Model(args)
-    ck = {
-        k: mx.random.normal(v.shape, key=mx.random.key(i))
-        for i, (k, v) in enumerate(model.checkpoint_weights().items())
-    }
-    got = model.sanitize(ck)
-    want_qkv = mx.concatenate([ck[f"blocks.0.{n}.weight"] for n in ("qw", "kw", "vw")])
-    assert mx.array_equal(got["blocks.0.qkv.weight"], want_qkv).item()
-    assert not any(".qw." in k or ".kw." in k or ".vw." in k for k in got)
-    model.load_weights(list(got.items()), strict=True)
-    back = model.checkpoint_weights()
-    assert back.keys() == ck.keys()
-    assert all(mx.array_equal(back[k], ck[k]).item() for k in ck)
 
 
 @pytest.mark.parametrize("quantize", [False, True])
@@ -241,8 +220,8 @@ def test_narrow_quantized_layers_stay_dense_on_cuda(monkeypatch):
     block = model.blocks[0]
     assert "scales" not in block.adaLN_modulation  # K = 64: dense
     assert "scales" not in model.time_embedding.mlp[2]  # K = 64: dense
-    assert "scales" in block.qkv and "scales" in model.output_layer.linear  # K = 256: quantized
-    assert block.adaLN_modulation.weight.dtype == block.qkv.scales.dtype
+    assert "scales" in block.qw and "scales" in model.output_layer.linear  # K = 256: quantized
+    assert block.adaLN_modulation.weight.dtype == block.qw.scales.dtype
     monkeypatch.setattr(load_mod, "cuda_backend", lambda: False)
     model, _ = load_mod.load_model(path, dequantize=False)
     assert "scales" in model.blocks[0].adaLN_modulation
