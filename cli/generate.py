@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import typer
+from fsdfm_mlx.cli import blocks_per_eval_option
 
 _FROZEN_STYLE = "bold underline"
 _UNCHANGED_STYLE = "grey50"
@@ -96,13 +97,7 @@ def generate_command(
     temp: float = typer.Option(1.0, "--temp", help="Temperature on the logits (0 = argmax)."),
     top_k: int | None = typer.Option(None, "--top-k", help="Keep the k most likely tokens."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus filter, in (0, 1]."),
-    blocks_per_eval: int | None = typer.Option(
-        None,
-        "--blocks-per-eval",
-        min=0,
-        help="Queue the blocks N at a time, two groups in flight (less GPU memory); "
-        "0 = whole forwards; default on a GPU: 1 quantized, 2 dense; 0 on CPU.",
-    ),
+    blocks_per_eval: int | None = blocks_per_eval_option(),
     visual: bool = typer.Option(False, "--visual", help="Show the passage refining, live."),
     html: str | None = typer.Option(None, "--html", help="Save the coloured view as HTML."),
     json_out: bool = typer.Option(False, "--json", help="Print a JSON result only."),

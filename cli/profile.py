@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import typer
+from fsdfm_mlx.cli import blocks_per_eval_option
 
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 
@@ -218,13 +219,7 @@ def register(app: typer.Typer) -> None:
             "--lookahead/--no-lookahead",
             help="Queue each step before waiting for the previous one (faster; more memory).",
         ),
-        blocks_per_eval: int | None = typer.Option(
-            None,
-            "--blocks-per-eval",
-            min=0,
-            help="Queue the blocks N at a time, two groups in flight (less GPU memory); "
-            "0 = whole forwards; default on a GPU: 1 quantized, 2 dense; 0 on CPU.",
-        ),
+        blocks_per_eval: int | None = blocks_per_eval_option(),
         json_out: bool = typer.Option(False, "--json", help="Print JSON only."),
         plot_file: str | None = typer.Option(
             None, "--plot", help="Write latency and tokens/s against steps to this PNG."
