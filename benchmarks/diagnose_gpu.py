@@ -160,7 +160,7 @@ def forward8(preset, L, B=8):
     r = {}
     for upcast in (False, True):
         fm._rope_computes_in_input_dtype = lambda u=upcast: u
-        model.__dict__.pop("_fsdfm_compiled_forward", None)
+        model.__dict__.pop("_fsdfm_forwards", None)
         fwd = compiled_forward(model)
         r[f"compiled_ms_rope_upcast_{upcast}"] = _ms(functools.partial(fwd, x, t, t))
     r["eager_ms"] = _ms(lambda: model(x, t, t))

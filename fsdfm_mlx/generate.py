@@ -331,18 +331,22 @@ def compiled_forward(model):
     """
     if not isinstance(model, nn.Module):
         return model
+
+    def build(ref):
+        return mx.compile(lambda *args: ref()(*args))
+
+    return _cached_on_model(model, "compiled", build)
+
+
+def _cached_on_model(model, key, build):
+    """``build(weakref to model)``, cached on the model under ``key`` until its parameter arrays
+    are replaced (a compiled graph holds the arrays it was traced with)."""
     weights = tuple(id(v) for _, v in tree_flatten(model.parameters()))
-    cached = model.__dict__.get("_fsdfm_compiled_forward")
-    if cached is not None and cached[0] == weights:
-        return cached[1]
-    ref = weakref.ref(model)
-
-    def forward(*args):
-        return ref()(*args)
-
-    fn = mx.compile(forward)
-    model.__dict__["_fsdfm_compiled_forward"] = (weights, fn)
-    return fn
+    cache = model.__dict__.setdefault("_fsdfm_forwards", {})
+    cached = cache.get(key)
+    if cached is None or cached[0] != weights:
+        cached = cache[key] = (weights, build(weakref.ref(model)))
+    return cached[1]
 
 
 def default_blocks_per_eval(model) -> int:
@@ -386,12 +390,13 @@ def make_forward(model, *, compile: bool = True, blocks_per_eval: int | None = N
     if not blocks_per_eval or not hasattr(model, "run_blocks") or blocks_per_eval >= n_blocks:
         return compiled_forward(model) if compile else model
     key = ("segments", blocks_per_eval, bool(compile))
-    weights = tuple(id(v) for _, v in tree_flatten(model.parameters()))
-    cache = model.__dict__.setdefault("_fsdfm_forwards", {})
-    cached = cache.get(key)
-    if cached is not None and cached[0] == weights:
-        return cached[1]
-    ref = weakref.ref(model)
+    return _cached_on_model(
+        model, key, lambda ref: _segmented(ref, n_blocks, blocks_per_eval, compile)
+    )
+
+
+def _segmented(ref, n_blocks: int, blocks_per_eval: int, compile: bool):
+    """The forward of :func:`make_forward` over ``ref()`` with the blocks in groups."""
     wrap = mx.compile if compile else (lambda f: f)
 
     def group(start: int, stop: int):
@@ -414,7 +419,6 @@ def make_forward(model, *, compile: bool = True, blocks_per_eval: int | None = N
             queued = x
         return head(x, c)
 
-    cache[key] = (weights, forward)
     return forward
 
 
