@@ -8,7 +8,6 @@ def blocks_per_eval_option():
     return typer.Option(
         None,
         "--blocks-per-eval",
-        min=0,
         help="Queue the blocks N at a time, two groups in flight (less GPU memory); "
         "0 = whole forwards; default on a GPU: 1 quantized, 2 dense; 0 on CPU.",
     )

@@ -176,12 +176,7 @@ def generate_step(
     solver = args.default_solver if solver is None else solver
     check_solver(model, solver)
     options = SamplerOptions(temperature=temp, top_k=top_k, top_p=top_p)
-    if blocks_per_eval is not None and (
-        isinstance(blocks_per_eval, bool)
-        or not isinstance(blocks_per_eval, int)
-        or blocks_per_eval < 0
-    ):
-        raise ValueError(f"blocks_per_eval must be a non-negative integer, got {blocks_per_eval!r}")
+    check_blocks_per_eval(blocks_per_eval)
 
     prompt = _as_token_list(prompt_tokens, "prompt_tokens")
     suffix = _as_token_list(suffix_tokens, "suffix_tokens")
@@ -347,6 +342,12 @@ def _cached_on_model(model, key, build):
     if cached is None or cached[0] != weights:
         cached = cache[key] = (weights, build(weakref.ref(model)))
     return cached[1]
+
+
+def check_blocks_per_eval(value) -> None:
+    """Raise ValueError unless ``value`` is None or a non-negative int."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ValueError(f"blocks_per_eval must be a non-negative integer, got {value!r}")
 
 
 def default_blocks_per_eval(model) -> int:

@@ -26,7 +26,12 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from . import _cpu_blas
-from .generate import check_solver, default_blocks_per_eval, generate_step
+from .generate import (
+    check_blocks_per_eval,
+    check_solver,
+    default_blocks_per_eval,
+    generate_step,
+)
 from .load import CUDA_DENSE_MAX_IN, cuda_backend
 from .model import Model, ModelArgs
 from .solvers import DFM_EULER, uniform_time_grid
@@ -624,6 +629,7 @@ def profile(
     for name, v in (("length", length), ("batch_size", batch_size), ("repeats", repeats)):
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    check_blocks_per_eval(blocks_per_eval)
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"warmup must be a non-negative integer, got {warmup!r}")
     if (

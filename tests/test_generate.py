@@ -268,6 +268,7 @@ def test_cli_visual_and_html(cli, micro_models, tmp_path):
         (("--top-k", 0), "top_k must be an integer >= 1"),
         (("--solver", "dfm_euler"), "needs a model without step-size conditioning"),
         (("--length", 1, "--prompt", "#", "--suffix", "$"), "do not fit in length 1"),
+        (("--blocks-per-eval", "-1"), "blocks_per_eval must be a non-negative integer"),
     ],
 )
 def test_cli_bad_input_is_one_line(cli, micro_models, args, text):
