@@ -377,7 +377,9 @@ def make_forward(model, *, compile: bool = True, blocks_per_eval: int | None = N
     (on the H100 about 0.7 GB for the 1.3B model at L = 1,024, more than the 4-bit weights).
     With ``blocks_per_eval = N`` the blocks are queued N at a time: each group is queued with
     ``mx.async_eval`` and then the group before it is waited for, so the device always has the
-    next group to run while at most two groups' buffers are alive. The logits are unchanged.
+    next group to run while at most two groups' buffers are alive. The logits are the same (bit for
+    bit on the CPU; on a GPU up to float rounding, as the groups' elementwise work may fuse
+    differently).
 
     Args:
         model: a :class:`fsdfm_mlx.model.Model` (anything else callable is returned unchanged).
