@@ -146,7 +146,7 @@ def segments(preset, L):
                 r[f"per{per}_lookahead_{la}_peak_gb"] = _peak(run)
                 r[f"per{per}_lookahead_{la}_ms"] = _ms(run, 5)
         out[name] = r
-        del model
+        del model, run  # run holds the model: the next model's figures must not include it
     return out
 
 
@@ -158,11 +158,16 @@ def forward8(preset, L, B=8):
     x = mx.zeros((B, L), mx.int32)
     t = mx.full((B,), 0.5)
     r = {}
-    for upcast in (False, True):
-        fm._rope_computes_in_input_dtype = lambda u=upcast: u
+    original = fm._rope_computes_in_input_dtype
+    try:
+        for upcast in (False, True):
+            fm._rope_computes_in_input_dtype = lambda u=upcast: u
+            model.__dict__.pop("_fsdfm_forwards", None)
+            fwd = compiled_forward(model)
+            r[f"compiled_ms_rope_upcast_{upcast}"] = _ms(functools.partial(fwd, x, t, t))
+    finally:  # the parts that run after this one must see the real rule
+        fm._rope_computes_in_input_dtype = original
         model.__dict__.pop("_fsdfm_forwards", None)
-        fwd = compiled_forward(model)
-        r[f"compiled_ms_rope_upcast_{upcast}"] = _ms(functools.partial(fwd, x, t, t))
     r["eager_ms"] = _ms(lambda: model(x, t, t))
     D, F, V, M = a.hidden_size, a.mlp_ratio * a.hidden_size, a.num_tokens, B * L
     h = mx.random.normal((M, D)).astype(mx.bfloat16)

@@ -257,11 +257,14 @@ def _run_sampler(
     return time.perf_counter() - tic
 
 
-def _profile_split(model, *, batch, length, seed, solver, steps, passes) -> dict:
+def _profile_split(
+    model, *, batch, length, seed, solver, steps, passes, blocks_per_eval=None
+) -> dict:
     model_ms, sampler_ms, step_ms = [], [], []
     for p in range(passes):
         for state in generate_step(
             model,
+            blocks_per_eval=blocks_per_eval,
             batch_size=batch,
             length=length,
             steps=steps,
@@ -705,6 +708,7 @@ def profile(
                 solver=solver,
                 steps=n,
                 passes=passes,
+                blocks_per_eval=blocks_per_eval,
             )
         )
         row["model_tflops"] = flops / (row["model_ms_per_step"] / 1e3) / 1e12
