@@ -45,7 +45,12 @@ def eval_command(
     length: int | None = typer.Option(None, "--length", help="Tokens per passage."),
     solver: str | None = typer.Option(None, "--solver", help="Solver (default: the model's)."),
     seed: int = typer.Option(0, "--seed", help="Random seed."),
-    temp: float = typer.Option(1.0, "--temp", help="Temperature on the logits (0 = argmax)."),
+    temp: float | None = typer.Option(
+        None,
+        "--temp",
+        help="Temperature on the logits (0 = argmax; default: the model's, 1.0 unless its "
+        "config sets default_temp).",
+    ),
     top_k: int | None = typer.Option(None, "--top-k", help="Keep the k most likely tokens."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus filter, in (0, 1]."),
     evaluator: str = typer.Option(

@@ -94,7 +94,12 @@ def generate_command(
         help="mixture_euler_with_cumulative_scalar | mixture_euler | dfm_euler "
         "(default: the model's).",
     ),
-    temp: float = typer.Option(1.0, "--temp", help="Temperature on the logits (0 = argmax)."),
+    temp: float | None = typer.Option(
+        None,
+        "--temp",
+        help="Temperature on the logits (0 = argmax; default: the model's, 1.0 unless its "
+        "config sets default_temp).",
+    ),
     top_k: int | None = typer.Option(None, "--top-k", help="Keep the k most likely tokens."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus filter, in (0, 1]."),
     blocks_per_eval: int | None = blocks_per_eval_option(),

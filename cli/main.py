@@ -86,6 +86,12 @@ def convert(
         None, "--upload-repo", help="Upload the result to this Hugging Face repo."
     ),
     force: bool = typer.Option(False, "--force", help="Replace an existing --mlx-path."),
+    default_temp: float | None = typer.Option(
+        None,
+        "--default-temp",
+        help="Sampling temperature stored in the config: generate/eval use it when no --temp "
+        "is given (default 1.0).",
+    ),
     verbose: bool = typer.Option(True, "--verbose/--quiet", help="Progress bar and summary."),
 ):
     """Convert an official FS-DFM / DFM PyTorch checkpoint to an MLX model folder."""
@@ -111,6 +117,7 @@ def convert(
             upload_repo=upload_repo,
             force=force,
             progress=verbose,
+            default_temp=default_temp,
         )
     for note in result.notes:
         typer.secho(f"Note: {note}", fg="yellow", err=True)
@@ -157,7 +164,10 @@ def info(
         ("heads x head_dim", f"{c['n_heads']} x {c['hidden_size'] // c['n_heads']}"),
         ("vocab (+mask)", c.get("num_tokens", c.get("vocab_size"))),
         ("training length", c.get("length")),
-        ("default solver / steps", f"{c.get('default_solver')} / {c.get('default_steps')}"),
+        (
+            "default solver / steps / temp",
+            f"{c.get('default_solver')} / {c.get('default_steps')} / {c.get('default_temp', 1.0):g}",
+        ),
         ("parameters", f"{res['parameters']:,} ({res['parameters'] / 1e6:.2f}M)"),
         ("dtype", res["dtype"]),
         (

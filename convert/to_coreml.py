@@ -278,6 +278,7 @@ def _metadata(
         "inputs": "tokens,t,dt" if args.dt_conditioned else "tokens,t",
         "default_solver": str(args.default_solver),
         "default_steps": str(args.default_steps),
+        "default_temp": f"{args.default_temp:g}",
         "lengths": ",".join(str(n) for n in lengths),
         "default_length": str(default_length),
         "training_length": str(args.length),

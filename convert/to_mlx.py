@@ -16,7 +16,7 @@ import shutil
 import struct
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -302,6 +302,12 @@ def model_card(
         "FS-DFM student (step-size conditioned)" if args.dt_conditioned else "DFM model (teacher)"
     )
     q = f", {quant['bits']}-bit quantized (group {quant['group_size']})" if quant else ""
+    temp = (
+        f"\nIts config sets `default_temp: {args.default_temp:g}`: `generate` and `eval` sample at "
+        "that temperature unless `--temp` is given (`--temp 1` is the model's own distribution).\n"
+        if args.default_temp != 1.0
+        else ""
+    )
     return f"""---
 library_name: mlx
 tags:
@@ -316,7 +322,7 @@ tags:
 A {kind} with {args.n_blocks} blocks, hidden size {args.hidden_size}, {args.n_heads} heads and a
 {args.source_distribution} source, converted to MLX ({dtype}{q}) by fsdfm-mlx from `{source}`
 (entry `{ckpt.selection}`, training step {ckpt.step}).
-
+{temp}
 ```bash
 pip install fsdfm-mlx
 fsdfm-mlx generate --model <this folder or repo> --steps {args.default_steps} --solver {args.default_solver}
@@ -348,6 +354,7 @@ def convert(
     force: bool = False,
     progress: bool = True,
     max_shard_size_gb: float = 5.0,
+    default_temp: float | None = None,
 ) -> ConvertResult:
     """Convert an official FS-DFM / DFM PyTorch checkpoint into an MLX model folder.
 
@@ -370,6 +377,8 @@ def convert(
         force: replace an existing ``mlx_path`` (only once the new one is complete).
         progress: show a progress bar.
         max_shard_size_gb: shard size limit.
+        default_temp: the sampling temperature stored in the config, used by ``generate`` and
+            ``eval`` when the user gives none (default 1.0, the model's own distribution).
 
     Returns:
         A ConvertResult describing the folder.
@@ -378,6 +387,8 @@ def convert(
         CheckpointError: bad input, with a one-line message; nothing is left behind.
     """
     start = time.perf_counter()
+    if default_temp is not None and not (0 <= default_temp < float("inf")):
+        raise CheckpointError(f"--default-temp must be a finite number >= 0, got {default_temp}")
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown --dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     if quantize:
@@ -404,6 +415,8 @@ def convert(
         vocab_size=tok_vocab,
     )
     args = ckpt.args
+    if default_temp is not None:
+        args = replace(args, default_temp=float(default_temp))
     notes = list(ckpt.notes)
     if tok_vocab != args.vocab_size:
         notes.append(

@@ -222,7 +222,7 @@ def evaluate(
     seed: int | None = 0,
     evaluator=DEFAULT_EVALUATOR,
     reference_text: str | Path | None = None,
-    temp: float = 1.0,
+    temp: float | None = None,
     top_k: int | None = None,
     top_p: float = 1.0,
     progress: bool = True,
@@ -243,7 +243,8 @@ def evaluate(
             already loaded ``(model, tokenizer)`` pair.
         reference_text: a ``.npy`` of token ids or a text file: adds a ``reference`` row for real
             text cut into ``num_samples`` windows of the same length.
-        temp: sampling temperature (1.0 = the model's own distribution), as in ``generate``.
+        temp: sampling temperature (1.0 = the model's own distribution; default: the model's
+            ``default_temp``), as in ``generate``. The result's ``sampling`` says which was used.
         top_k: keep the k most likely tokens at every draw (None = off).
         top_p: nucleus filter at every draw (1.0 = off).
         progress: show a progress bar (on rank 0).
@@ -266,8 +267,8 @@ def evaluate(
     from .generate import check_solver, generate_step, resolve_seed
     from .solvers import SamplerOptions
 
-    SamplerOptions(temperature=temp, top_k=top_k, top_p=top_p)  # checks the values
-    sampling = dict(temp=temp, top_k=top_k, top_p=top_p)
+    # checks the values (the model's default temperature is checked when its config is read)
+    SamplerOptions(temperature=1.0 if temp is None else temp, top_k=top_k, top_p=top_p)
 
     step_list = _parse_steps(steps)
     _check_positive(num_samples, "num_samples")
@@ -288,6 +289,7 @@ def evaluate(
         else:
             fs_model = model
         args = fs_model.args
+        sampling = dict(temp=args.default_temp if temp is None else temp, top_k=top_k, top_p=top_p)
         L = args.length if length is None else length
         used_solver = args.default_solver if solver is None else solver
         check_solver(fs_model, used_solver)
@@ -339,9 +341,9 @@ def evaluate(
                 local[("ref", c)] = _score(ev_model, reference[start : start + sizes[c]], ctx)
                 bar.advance()
         bar.close()
-        return local, L, used_solver
+        return local, L, used_solver, sampling
 
-    local, L, used_solver = distributed.all_or_nothing(work, group)
+    local, L, used_solver, sampling = distributed.all_or_nothing(work, group)
 
     def gathered(key):
         parts = distributed.gather_chunks(

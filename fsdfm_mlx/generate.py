@@ -114,7 +114,7 @@ def generate_step(
     key: mx.array | None = None,
     prompt_tokens: Sequence[int] | mx.array | None = None,
     suffix_tokens: Sequence[int] | mx.array | None = None,
-    temp: float = 1.0,
+    temp: float | None = None,
     top_k: int | None = None,
     top_p: float = 1.0,
     profile: bool = False,
@@ -140,7 +140,8 @@ def generate_step(
         key: a PRNG key, instead of ``seed``.
         prompt_tokens: token ids frozen at the start of every passage.
         suffix_tokens: token ids frozen at the end of every passage (infilling).
-        temp: temperature on the logits (1 = off, 0 = argmax posterior).
+        temp: temperature on the logits (1 = off, 0 = argmax posterior; default: the model's
+            ``default_temp``, 1.0 unless its config says otherwise).
         top_k: keep only the k most likely tokens of each posterior (None = off).
         top_p: nucleus filter on each posterior (1 = off).
         profile: also evaluate the logits before the update, so that ``model_ms`` and
@@ -175,6 +176,7 @@ def generate_step(
         grid = uniform_time_grid(args.default_steps if steps is None else steps)
     solver = args.default_solver if solver is None else solver
     check_solver(model, solver)
+    temp = args.default_temp if temp is None else temp
     options = SamplerOptions(temperature=temp, top_k=top_k, top_p=top_p)
     check_blocks_per_eval(blocks_per_eval)
 
@@ -478,6 +480,7 @@ class GenerationResponse:
         changed / last_changed / editable: see :class:`StepState`.
         seed: the seed used (None when a key was given).
         solver: the solver used.
+        temp: the sampling temperature used (the model's ``default_temp`` unless one was given).
         finished: True on the last step.
         text: the B passages decoded (property; decoded on first access).
     """
@@ -499,6 +502,7 @@ class GenerationResponse:
     seed: int | None
     solver: str
     finished: bool
+    temp: float = 1.0
     tokenizer: Any = field(default=None, repr=False)
     mask_id: int | None = field(default=None, repr=False)
 
@@ -536,6 +540,8 @@ def stream_generate(
     if kwargs.get("key") is None:
         seed = resolve_seed(seed)
     solver = model.args.default_solver if solver is None else solver
+    if kwargs.get("temp") is None:
+        kwargs["temp"] = model.args.default_temp
     gen = generate_step(
         model,
         prompt_tokens=prompt_tokens,
@@ -544,10 +550,10 @@ def stream_generate(
         solver=solver,
         **kwargs,
     )
-    return _stream(gen, model, tokenizer, seed, solver)
+    return _stream(gen, model, tokenizer, seed, solver, kwargs["temp"])
 
 
-def _stream(gen, model, tokenizer, seed, solver):
+def _stream(gen, model, tokenizer, seed, solver, temp):
     mx.reset_peak_memory()
     start = time.perf_counter()
     n_gen = None
@@ -573,6 +579,7 @@ def _stream(gen, model, tokenizer, seed, solver):
             seed=seed,
             solver=solver,
             finished=state.step == state.steps,
+            temp=temp,
             tokenizer=tokenizer,
             mask_id=model.args.mask_token_id,
         )
@@ -626,6 +633,7 @@ def summary(response: GenerationResponse, steps_ms: Sequence[tuple] | None = Non
         "length": int(response.tokens.shape[1]),
         "steps": response.steps,
         "solver": response.solver,
+        "temp": response.temp,
         "seed": response.seed,
         "elapsed_s": response.elapsed_s,
         "tokens_per_sec": response.tokens_per_sec,
@@ -646,6 +654,8 @@ def format_summary(response: GenerationResponse, steps_ms: Sequence[tuple] | Non
         f"{s['batch_size']} x {s['length']} tokens, {s['steps']} steps ({s['solver']}), "
         f"{s['tokens_per_sec']:.1f} tokens/s"
     )
+    if s["temp"] != 1.0:
+        line = line.replace(" steps (", f" steps at temperature {s['temp']:g} (", 1)
     if s.get("model_ms_per_step") is not None:
         line += (
             f", per step {s['model_ms_per_step']:.2f} ms model + "

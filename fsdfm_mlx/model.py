@@ -37,6 +37,9 @@ class ModelArgs:
         rope_base: RoPE base.
         default_solver: the solver the official evaluation uses for this kind of model.
         default_steps: the step count that goes with it.
+        default_temp: the sampling temperature ``generate`` and ``eval`` use when none is given
+            (1.0 = the model's own distribution; a converted model may ship a lower one, see
+            ``fsdfm-mlx convert --default-temp``).
         scheduler: the probability path's scheduler (``{"type": "polynomial", "exponent": 1.0}``).
     """
 
@@ -54,6 +57,7 @@ class ModelArgs:
     rope_base: float = 10000.0
     default_solver: str | None = None
     default_steps: int | None = None
+    default_temp: float = 1.0
     scheduler: dict = field(default_factory=lambda: {"type": "polynomial", "exponent": 1.0})
 
     def __post_init__(self):
@@ -71,6 +75,13 @@ class ModelArgs:
             )
         if self.default_steps is None:
             self.default_steps = 8 if self.dt_conditioned else 1024
+        if isinstance(self.default_temp, bool) or not (
+            isinstance(self.default_temp, (int, float)) and 0 <= self.default_temp < float("inf")
+        ):
+            raise ValueError(
+                f"default_temp must be a finite number >= 0, got {self.default_temp!r}"
+            )
+        self.default_temp = float(self.default_temp)
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> ModelArgs:

@@ -298,6 +298,7 @@ def test_bad_existing_output_without_force(tmp_path):
         (["--weights", "best"], "unknown --weights"),
         (["--preset", "7b"], "unknown --preset"),
         (["--config", "/no/such.yaml"], "no such config file"),
+        (["--default-temp", "-0.5"], "--default-temp must be a finite number >= 0"),
     ],
 )
 def test_bad_options(tmp_path, extra, needle):
@@ -389,8 +390,12 @@ def test_cli_convert_and_info(tmp_path):
         "8",
         "--q-group-size",
         "32",
+        "--default-temp",
+        "0.7",
     )
     assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["default_temp"] == 0.7 and "`default_temp: 0.7`" in (out / "README.md").read_text()
     assert "Wrote" in res.stdout and "8-bit" in res.stdout
     res = runner.invoke(app, ["info", str(out), "--json"])
     assert res.exit_code == 0, res.output
@@ -399,7 +404,7 @@ def test_cli_convert_and_info(tmp_path):
     assert info["quantization"] == {"group_size": 32, "bits": 8}
     assert info["config"]["source"]["weights"] == "student_ema_model"
     res = runner.invoke(app, ["info", str(out)])
-    assert res.exit_code == 0 and "286,792" in res.stdout
+    assert res.exit_code == 0 and "286,792" in res.stdout and "/ 0.7" in res.stdout
     res = runner.invoke(app, ["info", str(tmp_path / "nothing-here")])
     assert res.exit_code != 0 and res.stderr.startswith("Error: ")
 

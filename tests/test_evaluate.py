@@ -174,6 +174,11 @@ def test_evaluate_passes_sampling_options(micro_models, evaluator):
     np.testing.assert_allclose(res["rows"][0]["entropy"], token_entropy_bits(toks), rtol=1e-6)
     with pytest.raises(ValueError, match="temperature must be >= 0"):
         evaluate(model, temp=-1.0, **kw)  # ... and bad values are refused before any work
+    # no temp: the model's default_temp, recorded as the temperature used
+    model.args.default_temp = 0.5
+    res = evaluate(model, top_k=3, **kw)
+    assert res["sampling"] == {"temp": 0.5, "top_k": 3, "top_p": 1.0}
+    np.testing.assert_allclose(res["rows"][0]["entropy"], token_entropy_bits(toks), rtol=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -398,3 +398,41 @@ def test_checkpoint_weights_round_trip():
     tokens = mx.random.randint(0, 300, (1, 16), key=mx.random.key(1))
     t = mx.array([0.4])
     assert mx.array_equal(m(tokens, t, t), m2(tokens, t, t)).item()
+
+
+def test_default_temp_is_the_models_unless_given(student):
+    """``temp=None`` samples at the config's ``default_temp``; an explicit ``--temp`` wins."""
+    model, tokenizer = student
+    assert model.args.default_temp == 1.0  # converted without --default-temp
+
+    def tokens(**kw):
+        states = list(generate_step(model, batch_size=4, steps=4, seed=11, **kw))
+        return np.array(states[-1].tokens)
+
+    plain, cold = tokens(), tokens(temp=0.0)  # argmax: differs on this peaked micro model
+    assert (plain == tokens(temp=1.0)).all() and not (plain == cold).all()
+    model.args.default_temp = 0.0
+    try:
+        assert (tokens() == cold).all() and (tokens(temp=1.0) == plain).all()
+        r = list(stream_generate(model, tokenizer, batch_size=4, steps=4, seed=11))[-1]
+        assert r.temp == 0.0 and (np.array(r.tokens) == cold).all()
+        r1 = list(stream_generate(model, tokenizer, batch_size=4, steps=4, seed=11, temp=1.0))
+        assert r1[-1].temp == 1.0
+    finally:
+        model.args.default_temp = 1.0
+
+
+def test_summary_names_a_non_default_temperature(student):
+    from fsdfm_mlx.generate import format_summary, summary
+
+    model, tokenizer = student
+    r = list(stream_generate(model, tokenizer, steps=2, seed=1, temp=0.5))[-1]
+    assert summary(r)["temp"] == 0.5 and "at temperature 0.5" in format_summary(r)
+    r = list(stream_generate(model, tokenizer, steps=2, seed=1))[-1]
+    assert summary(r)["temp"] == 1.0 and "temperature" not in format_summary(r)
+
+
+def test_shipped_model_samples_at_its_default_temperature():
+    """The shipped demo student's config asks for 0.8 (see its README and the main README)."""
+    model, _ = fsdfm_mlx.load(fsdfm_mlx.default_model_path())
+    assert model.args.default_temp == 0.8

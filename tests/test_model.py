@@ -225,3 +225,12 @@ def test_narrow_quantized_layers_stay_dense_on_cuda(monkeypatch):
     monkeypatch.setattr(load_mod, "cuda_backend", lambda: False)
     model, _ = load_mod.load_model(path, dequantize=False)
     assert "scales" in model.blocks[0].adaLN_modulation
+
+
+def test_default_temp_from_config_and_checked():
+    base = dict(hidden_size=32, cond_dim=8, n_blocks=1, n_heads=2, vocab_size=10)
+    assert ModelArgs(**base).default_temp == 1.0
+    assert ModelArgs.from_dict({**base, "default_temp": 0.8}).default_temp == 0.8
+    for bad in (-0.1, float("inf"), float("nan"), "hot", True):
+        with pytest.raises(ValueError, match="default_temp"):
+            ModelArgs(**base, default_temp=bad)
