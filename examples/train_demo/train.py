@@ -71,14 +71,10 @@ class Settings:
     max_log2_steps: int = 10
     log_every: int = 50
     ckpt_every: int = 500
-    # student objective: "posterior" (KL to the teacher's posterior at every dt), "meanfield" (KL to
-    # the teacher's posterior re-read with the other positions moved by the student's own step, see
-    # meanfield_targets) or "trajectory" (half the batch: on-policy states of the student's own coarse
-    # steps, cross-entropy towards where a fine-stepped teacher run from that state ends; the other
-    # half: "posterior")
+    # student objective: "posterior" (KL to the teacher's posterior at every dt) or "trajectory"
+    # (half the batch: on-policy states of the student's own coarse steps, cross-entropy towards
+    # where a fine-stepped teacher run from that state ends; the other half: "posterior")
     objective: str = "posterior"
-    # meanfield: the teacher reads the half-moved states at t + mf_time_shift * dt
-    mf_time_shift: float = 0.0
     fine_steps: int = 64  # the teacher's grid for trajectory targets (steps over [0, 1])
     traj_budgets: str = "4,8,8,16"  # coarse step budgets drawn (uniformly from this list)
 
@@ -317,49 +313,6 @@ def trajectory_targets(s: Settings, student, teacher, B: int, device, ac):
     return x_t, t_0, dt, x, n, k
 
 
-@torch.no_grad()
-def meanfield_targets(
-    student_logits: torch.Tensor,
-    x_t: torch.Tensor,
-    t: torch.Tensor,
-    dt: torch.Tensor,
-    teacher,
-    ac,
-    time_shift: float = 0.0,
-) -> torch.Tensor:
-    """Log-probability targets that account for the positions moving together in one coarse step.
-
-    A step of size ``dt`` moves every position at once, each drawn on its own from ``p_1t``; at
-    8 steps that independence is where incoherent text comes from. The best product of
-    per-position laws for a joint law (in reverse KL, the mean-field fixed point) is
-    ``log q_i = E_{y ~ q}[log p(y_i | y_{-i})] + const``: each position's law read *given where the
-    others go*. One sample estimates it: ``y`` is the student's own step from ``x_t`` (``dt``; the
-    final step draws ``x_1``), and the teacher reads two half-moved states, the even positions
-    moved and the odd ones kept (targets for the odd ones), and the reverse. As ``dt -> 0`` the
-    states stay ``x_t`` and the target is the teacher's posterior again.
-
-    Args:
-        student_logits: [B, L, V] the student's logits at ``(x_t, t, dt)`` (detached here).
-        x_t: [B, L] current tokens; ``t``, ``dt``: [B].
-        teacher: the DFM teacher ``(x, t) -> logits``.
-        time_shift: the teacher reads the half-moved states at ``t + time_shift * dt``.
-
-    Returns:
-        [B, L, V] float32 log-probabilities.
-    """
-    final = (t + dt) >= 1.0 - 1e-6  # [B]: this step ends at t = 1 and draws x_1 itself
-    moved = cumulative_scalar_step(student_logits, x_t, t, dt, final=False)
-    y = torch.where(final[:, None], sample_categorical(student_logits), moved)  # [B, L]
-    even = (torch.arange(x_t.shape[1], device=x_t.device) % 2 == 0)[None]  # [1, L]
-    z_even = torch.where(even, y, x_t)  # even positions moved: targets for the odd ones
-    z_odd = torch.where(even, x_t, y)
-    tt = torch.clamp(t + time_shift * dt, max=1.0 - 1e-3)
-    with ac():
-        logits = teacher(torch.cat([z_even, z_odd]), torch.cat([tt, tt])).float()
-    l_even, l_odd = F.log_softmax(logits, -1).chunk(2)
-    return torch.where(even[..., None], l_odd, l_even)
-
-
 def read_mlx_folder_torch(path: str) -> dict[str, torch.Tensor]:
     """A converted MLX folder as a float32 state dict, with torch alone (no MLX needed).
 
@@ -448,11 +401,8 @@ def train_student(
     t_fwd = torch.compile(teacher) if cuda else teacher
     e_fwd = torch.compile(ema) if cuda else ema
     traj = s.objective == "trajectory"
-    mf = s.objective == "meanfield"
-    if s.objective not in ("posterior", "meanfield", "trajectory"):
-        raise SystemExit(
-            f"unknown --objective {s.objective!r} (posterior, meanfield or trajectory)"
-        )
+    if s.objective not in ("posterior", "trajectory"):
+        raise SystemExit(f"unknown --objective {s.objective!r} (posterior or trajectory)")
 
     def ac():
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=cuda)
@@ -471,18 +421,14 @@ def train_student(
                 s, e_fwd, t_fwd, B_traj, device, ac
             )
             x_t, t, dt = x_t[B_traj:], t[B_traj:], dt[B_traj:]
-        if not mf:
-            with torch.no_grad(), ac():
-                target = t_fwd(x_t, t).float()  # the teacher's posterior p_1t(. | x_t, t)
+        with torch.no_grad(), ac():
+            target = t_fwd(x_t, t).float()  # the teacher's posterior p_1t(. | x_t, t)
         if traj:
             x_t, t, dt = torch.cat([xt_tr, x_t]), torch.cat([t_tr, t]), torch.cat([dt_tr, dt])
         with ac():
             logits = s_fwd(x_t, t, dt)
         logq = F.log_softmax(logits.float(), -1)
-        if mf:
-            logp = meanfield_targets(logits.detach(), x_t, t, dt, t_fwd, ac, s.mf_time_shift)
-        else:
-            logp = F.log_softmax(target, -1)
+        logp = F.log_softmax(target, -1)
         kl = (logp.exp() * (logp - logq[B_traj:])).sum(-1).mean(-1)  # [B - B_traj]
         loss = kl.mean()
         ce_traj = float("nan")
