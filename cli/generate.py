@@ -398,6 +398,7 @@ def _generate_chunked(
         "length": int(tokens.shape[1]),
         "steps": last.steps,
         "solver": last.solver,
+        "temp": last.temp,
         "seed": seed,
         "elapsed_s": seconds,
         "tokens_per_sec": n_gen / seconds if seconds > 0 else float("inf"),
@@ -417,7 +418,8 @@ def _generate_chunked(
         typer.echo(text)
     typer.echo(
         f"{num_samples} x {out['length']} tokens ({len(sizes)} batches of {batch_size} on {size} "
-        f"rank(s)), {out['steps']} steps ({out['solver']}), {out['tokens_per_sec']:.1f} tokens/s, "
+        f"rank(s)), {out['steps']} steps{_at_temp(out['temp'])} ({out['solver']}), "
+        f"{out['tokens_per_sec']:.1f} tokens/s, "
         f"{seconds:.2f} s"
     )
     sys.stdout.flush()
@@ -426,3 +428,7 @@ def _generate_chunked(
 def register(app: typer.Typer) -> None:
     """Add the ``generate`` command to ``app``."""
     app.command("generate")(generate_command)
+
+
+def _at_temp(temp: float) -> str:
+    return "" if temp == 1.0 else f" at temperature {temp:g}"

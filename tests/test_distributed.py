@@ -111,6 +111,7 @@ def test_two_ranks_equal_one(model_path, single, tmp_path):
 
     data = json.loads(r.stdout)  # rank 0 alone prints
     assert data["ranks"] == 2 and data["tokens"] == single.tolist()
+    assert data["temp"] == 1.0  # the micro model's config sets no default_temp
 
 
 def test_failing_rank_fails_the_run(model_path, tmp_path):
