@@ -403,8 +403,9 @@ def test_cli_convert_and_info(tmp_path):
     assert info["parameters"] == 286792
     assert info["quantization"] == {"group_size": 32, "bits": 8}
     assert info["config"]["source"]["weights"] == "student_ema_model"
+    assert info["config"]["default_temp"] == 0.7
     res = runner.invoke(app, ["info", str(out)])
-    assert res.exit_code == 0 and "286,792" in res.stdout and "/ 0.7" in res.stdout
+    assert res.exit_code == 0 and "286,792" in res.stdout and "0.7" in res.stdout
     res = runner.invoke(app, ["info", str(tmp_path / "nothing-here")])
     assert res.exit_code != 0 and res.stderr.startswith("Error: ")
 
