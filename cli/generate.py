@@ -317,7 +317,7 @@ def _generate_chunked(
 
     import fsdfm_mlx
     from fsdfm_mlx import distributed
-    from fsdfm_mlx.generate import decode, resolve_seed, save_tokens
+    from fsdfm_mlx.generate import decode, resolve_seed, save_tokens, temperature_note
 
     group = distributed.init() if group is None else group
     rank, size = group.rank(), group.size()
@@ -418,7 +418,7 @@ def _generate_chunked(
         typer.echo(text)
     typer.echo(
         f"{num_samples} x {out['length']} tokens ({len(sizes)} batches of {batch_size} on {size} "
-        f"rank(s)), {out['steps']} steps{_at_temp(out['temp'])} ({out['solver']}), "
+        f"rank(s)), {out['steps']} steps{temperature_note(out['temp'])} ({out['solver']}), "
         f"{out['tokens_per_sec']:.1f} tokens/s, "
         f"{seconds:.2f} s"
     )
@@ -428,7 +428,3 @@ def _generate_chunked(
 def register(app: typer.Typer) -> None:
     """Add the ``generate`` command to ``app``."""
     app.command("generate")(generate_command)
-
-
-def _at_temp(temp: float) -> str:
-    return "" if temp == 1.0 else f" at temperature {temp:g}"

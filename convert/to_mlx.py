@@ -22,7 +22,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
-from ..model import ModelArgs
+from ..model import ModelArgs, check_default_temp
 from .checkpoint import CheckpointError, OfficialCheckpoint, expected_shapes, read_official
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
@@ -387,8 +387,11 @@ def convert(
         CheckpointError: bad input, with a one-line message; nothing is left behind.
     """
     start = time.perf_counter()
-    if default_temp is not None and not (0 <= default_temp < float("inf")):
-        raise CheckpointError(f"--default-temp must be a finite number >= 0, got {default_temp}")
+    if default_temp is not None:  # checked before the checkpoint is read
+        try:
+            default_temp = check_default_temp(default_temp, "--default-temp")
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     if dtype not in DTYPES:
         raise CheckpointError(f"unknown --dtype {dtype!r}: choose from {', '.join(DTYPES)}")
     if quantize:
@@ -416,7 +419,7 @@ def convert(
     )
     args = ckpt.args
     if default_temp is not None:
-        args = replace(args, default_temp=float(default_temp))
+        args = replace(args, default_temp=default_temp)
     notes = list(ckpt.notes)
     if tok_vocab != args.vocab_size:
         notes.append(

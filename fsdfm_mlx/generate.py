@@ -647,15 +647,18 @@ def summary(response: GenerationResponse, steps_ms: Sequence[tuple] | None = Non
     return out
 
 
+def temperature_note(temp: float) -> str:
+    """``" at temperature T"`` for the summary lines, empty at 1 (no temperature)."""
+    return "" if temp == 1.0 else f" at temperature {temp:g}"
+
+
 def format_summary(response: GenerationResponse, steps_ms: Sequence[tuple] | None = None) -> str:
     """One line: tokens, steps, tokens/s, per-step ms (model / sampler), peak memory."""
     s = summary(response, steps_ms)
     line = (
-        f"{s['batch_size']} x {s['length']} tokens, {s['steps']} steps ({s['solver']}), "
-        f"{s['tokens_per_sec']:.1f} tokens/s"
+        f"{s['batch_size']} x {s['length']} tokens, {s['steps']} steps{temperature_note(s['temp'])} "
+        f"({s['solver']}), {s['tokens_per_sec']:.1f} tokens/s"
     )
-    if s["temp"] != 1.0:
-        line = line.replace(" steps (", f" steps at temperature {s['temp']:g} (", 1)
     if s.get("model_ms_per_step") is not None:
         line += (
             f", per step {s['model_ms_per_step']:.2f} ms model + "

@@ -19,6 +19,19 @@ from mlx.utils import tree_flatten
 SOLVERS = ("mixture_euler_with_cumulative_scalar", "mixture_euler", "dfm_euler")
 
 
+def check_default_temp(value, name: str = "default_temp") -> float:
+    """A sampling temperature for a model's config: a finite number >= 0, returned as a float.
+
+    Raises:
+        ValueError: anything else (one line, naming ``name``).
+    """
+    if isinstance(value, bool) or not (
+        isinstance(value, (int, float)) and 0 <= value < float("inf")
+    ):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 @dataclass
 class ModelArgs:
     """Everything needed to build the network and sample from it (what `config.json` holds).
@@ -75,13 +88,7 @@ class ModelArgs:
             )
         if self.default_steps is None:
             self.default_steps = 8 if self.dt_conditioned else 1024
-        if isinstance(self.default_temp, bool) or not (
-            isinstance(self.default_temp, (int, float)) and 0 <= self.default_temp < float("inf")
-        ):
-            raise ValueError(
-                f"default_temp must be a finite number >= 0, got {self.default_temp!r}"
-            )
-        self.default_temp = float(self.default_temp)
+        self.default_temp = check_default_temp(self.default_temp)
 
     @classmethod
     def from_dict(cls, params: dict[str, Any]) -> ModelArgs:
