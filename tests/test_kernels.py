@@ -230,3 +230,25 @@ def test_solver_step_takes_the_kernel_path(monkeypatch):
         kernels.fused_step(
             logits, x, mx.ones(x.shape, mx.bool_), mx.random.key(0), mode="final", temperature=0.0
         )
+
+
+def test_cpu_two_level_draw_is_the_inverse_cdf():
+    # against a float64 cumulative sum over the whole row: V not a multiple of the block (a tail
+    # block), whole blocks of zero weight, zeroed columns, and goals at the ends of the range
+    rng = np.random.default_rng(0)
+    R, V = 400, 3 * kernels._CPU_BLOCK + 77
+    e = rng.random((R, V)).astype(np.float32) ** 8
+    e[:, kernels._CPU_BLOCK : 2 * kernels._CPU_BLOCK] = 0.0  # an empty block in the middle
+    e[:100, V - 77 :] = 0.0  # rows whose tail block is empty
+    e[100:200, :-1] = 0.0  # rows whose only weight is the last column
+    target = rng.random(R).astype(np.float32)
+    target[:10] = 0.0
+    target[10:20] = np.float32(1.0 - 2.0**-23)
+    got, total = kernels._cpu_draw(e, target)
+    c = np.cumsum(e.astype(np.float64), axis=-1)
+    want = np.array([np.searchsorted(c[r], target[r] * c[r, -1], side="right") for r in range(R)])
+    np.testing.assert_allclose(total, c[:, -1], rtol=1e-5)
+    assert (e[np.arange(R), got] > 0).all()  # never a column without weight
+    assert (got[100:200] == V - 1).all()
+    # the two sums round differently: a goal within rounding of a boundary may land next door
+    assert (got == want).mean() > 0.99
