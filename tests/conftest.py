@@ -9,9 +9,13 @@ the fixture's stated tolerance.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# float32 parity means float32 matmuls: MLX's CUDA backend runs them as TF32 unless told otherwise
+os.environ.setdefault("MLX_ENABLE_TF32", "0")
 
 import fsdfm_mlx  # noqa: F401  (first: gives MLX's Linux CPU backend MKL before mlx.core loads)
 

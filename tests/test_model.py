@@ -95,7 +95,12 @@ def test_quantized(convert_cached, stepped_checkpoints, bits, group):
         f"mean KL to float32 {kl:.3g} nats"
     )
     model, _ = load(q, dequantize=False)
-    assert "scales" in model.blocks[0].qw  # really quantized
+    from fsdfm_mlx.load import CUDA_DENSE_MAX_IN, cuda_backend
+
+    if cuda_backend() and model.args.hidden_size <= CUDA_DENSE_MAX_IN:
+        assert "scales" not in model.blocks[0].qw  # kept dense: MLX's CUDA qmm bug at K = 64
+    else:
+        assert "scales" in model.blocks[0].qw  # really quantized
     if bits == 8:
         assert err <= 0.1
     assert kl < 0.5
@@ -124,11 +129,12 @@ def test_module_names_follow_checkpoint_keys():
 def test_output_rows_padded_and_sliced(quantize):
     """Checkpoint-shaped output weights are zero-padded by sanitize; logits keep V columns and
     equal the unpadded projection."""
-    args = ModelArgs(hidden_size=64, cond_dim=32, n_blocks=1, n_heads=4, vocab_size=300)
+    # D = 128: MLX 0.32.4's CUDA quantized matmul is wrong at K = 64 (see fsdfm_mlx.load)
+    args = ModelArgs(hidden_size=128, cond_dim=32, n_blocks=1, n_heads=4, vocab_size=300)
     model = Model(args)
     V, rows = args.num_tokens, padded_rows(args.num_tokens)
     assert (V, rows) == (300, 384)
-    w = mx.random.normal((V, 64), key=mx.random.key(1))
+    w = mx.random.normal((V, 128), key=mx.random.key(1))
     b = mx.random.normal((V,), key=mx.random.key(2))
     ckpt = {"output_layer.linear.weight": w, "output_layer.linear.bias": b}
     if quantize:
@@ -150,7 +156,7 @@ def test_output_rows_padded_and_sliced(quantize):
     model.load_weights(list(got.items()), strict=False)
     ada = model.output_layer.adaLN_modulation
     ada.weight, ada.bias = mx.zeros_like(ada.weight), mx.zeros_like(ada.bias)
-    x = mx.random.normal((2, 5, 64), key=mx.random.key(3))
+    x = mx.random.normal((2, 5, 128), key=mx.random.key(3))
     c = mx.zeros((2, 32))
     logits = model.output_layer(x, c, mx.float32)
     assert logits.shape == (2, 5, V)
