@@ -226,25 +226,6 @@ def modulate(x: mx.array, shift: mx.array, scale: mx.array) -> mx.array:
     return x * (1 + scale) + shift
 
 
-class _FusedQKV:
-    """The q, k, v projection weights stacked into one [3, D, D] array, kept outside the module tree
-    (not a parameter); ``qw``/``kw``/``vw`` then hold views of it, so no memory is added."""
-
-    def __init__(self, block: DDiTBlock):
-        self.w = mx.stack([block.qw.weight, block.kw.weight, block.vw.weight])
-        mx.eval(self.w)
-        self.parts = (self.w[0], self.w[1], self.w[2])
-        mx.eval(self.parts)
-        block.qw.weight, block.kw.weight, block.vw.weight = self.parts
-
-    def current(self, block: DDiTBlock) -> bool:
-        """False once any of the three weights was replaced (say by ``load_weights``)."""
-        return all(
-            getattr(block, n).get("weight") is w
-            for n, w in zip(("qw", "kw", "vw"), self.parts, strict=True)
-        )
-
-
 class DDiTBlock(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -296,14 +277,7 @@ class DDiTBlock(nn.Module):
             )
             return y.astype(dtype)
 
-        fused = getattr(self, "_fused_qkv", None)
-        if fused is not None and fused.current(self):
-            # one batched matmul for the three projections, each output [B, L, D] contiguous
-            qkv = (h.reshape(1, B * L, D) @ fused.w.swapaxes(-1, -2)).reshape(3, B, L, D)
-            q, k, v = qkv[0], qkv[1], qkv[2]
-        else:
-            q, k, v = self.qw(h), self.kw(h), self.vw(h)
-        q, k, v = rope(heads(q)), rope(heads(k)), heads(v)
+        q, k, v = rope(heads(self.qw(h))), rope(heads(self.kw(h))), heads(self.vw(h))
         a = attention(q, k, v, self.head_dim**-0.5)  # [B, H, L, Dh]
         a = a.transpose(0, 2, 1, 3).reshape(B, L, D)
         x = x + gate1 * self.attn_out(a)
@@ -423,17 +397,6 @@ class Model(nn.Module):
     def head(self, x: mx.array, c: mx.array) -> mx.array:
         """The final layer: residual stream [B, L, D] -> logits [B, L, V(+1)]."""
         return self.output_layer(x, c, self.dtype)
-
-    def fuse_qkv(self) -> int:
-        """Stack each dense block's q, k and v weights so that the three projections run as one
-        batched matmul (fewer, larger GPU launches). Quantized projections are left alone; the
-        weights and checkpoint keys are unchanged. Returns the number of blocks fused."""
-        n = 0
-        for block in self.blocks:
-            if all(type(getattr(block, p)) is nn.Linear for p in ("qw", "kw", "vw")):
-                block._fused_qkv = _FusedQKV(block)
-                n += 1
-        return n
 
     def checkpoint_weights(self) -> dict[str, mx.array]:
         """The parameters as a flat dict in checkpoint shapes (the output rows' padding dropped):
