@@ -255,6 +255,11 @@ def backend() -> str | None:
 _CPU_BLOCK = 512  # columns per block of the two-level inverse-CDF draw on the CPU
 
 
+def _last_positive(a: np.ndarray) -> np.ndarray:
+    """Per row of [R, N] ``a``, the index of the last entry > 0 (N - 1 for a row with none)."""
+    return a.shape[1] - 1 - np.argmax((a > 0)[:, ::-1], axis=-1)
+
+
 def _cpu_draw(e: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row, the first column whose cumulative weight exceeds ``target`` times the row's total.
 
@@ -280,14 +285,12 @@ def _cpu_draw(e: np.ndarray, target: np.ndarray) -> tuple[np.ndarray, np.ndarray
     rows = np.arange(R)
     # the first block whose cumulative sum exceeds the goal; if rounding puts the goal past the
     # total, the last block that holds any weight
-    last_block = sums.shape[1] - 1 - np.argmax((sums > 0)[:, ::-1], axis=-1)
-    b = np.minimum((cum <= goal[:, None]).sum(-1), last_block)
+    b = np.minimum((cum <= goal[:, None]).sum(-1), _last_positive(sums))
     left = goal - np.where(b > 0, cum[rows, np.maximum(b - 1, 0)], 0)
     idx = b[:, None] * S + np.arange(S)[None]  # [R, S] the block's columns (the tail block: fewer)
     w = np.where(idx < V, e[rows[:, None], np.minimum(idx, V - 1)], np.float32(0))
     j = (np.cumsum(w, axis=-1) <= left[:, None]).sum(-1)
-    last_col = S - 1 - np.argmax((w > 0)[:, ::-1], axis=-1)  # likewise within the block
-    return b * S + np.minimum(j, last_col), total
+    return b * S + np.minimum(j, _last_positive(w)), total  # likewise within the block
 
 
 def _cpu_step(logits, z, editable, key, mode, t, h, exponent, ban, mask_id, temperature):

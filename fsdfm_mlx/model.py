@@ -157,9 +157,13 @@ class LayerNorm(nn.Module):
         )
 
 
+def _on_cpu() -> bool:
+    return mx.default_device().type == mx.cpu
+
+
 def _rope_computes_in_input_dtype() -> bool:
     """True where ``mx.fast.rope`` has no float32 kernel (MLX's CPU backend) for bf16 / fp16 input."""
-    return mx.default_device().type == mx.cpu
+    return _on_cpu()
 
 
 # --- CPU fast path for exp ----------------------------------------------------------------------------
@@ -178,7 +182,7 @@ _ROUND = 12582912.0  # 1.5 * 2^23: (t + _ROUND) - _ROUND rounds t to an integer 
 
 
 def _cpu_fast_path(size: int) -> bool:
-    return size >= CPU_FAST_MIN_SIZE and mx.default_device().type == mx.cpu
+    return size >= CPU_FAST_MIN_SIZE and _on_cpu()
 
 
 @mx.compile
